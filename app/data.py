@@ -1,0 +1,147 @@
+"""An organisation's images: discovery, validation, the held-out split.
+
+Accepted layouts (what people already have):
+- a Hugging Face `imagefolder`: images plus `metadata.jsonl` lines {"file_name": ..., "text": ...};
+- a plain folder of images, all captioned with the node's `default-caption`.
+
+A corrupt or unreadable image is skipped and counted (the round goes on with the rest); a
+missing or empty folder, or an image the pipeline cannot use, stops with a message naming the
+file and the fix. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+METADATA = "metadata.jsonl"
+# 8-bit colour modes convert to RGB losslessly; 16-bit/float modes would be silently clipped.
+_CONVERTIBLE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"}
+
+
+class DataError(ValueError):
+    """The organisation's data cannot be used as given; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    caption: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def discover(data_dir: Path, default_caption: str | None) -> list[Example]:
+    """List the captioned images in `data_dir`, in a stable order."""
+    if not data_dir.is_dir():
+        raise DataError(
+            f"data directory {data_dir} does not exist on this node: mount the organisation's images "
+            "there or fix the SuperNode's --node-config data-dir"
+        )
+    meta = data_dir / METADATA
+    if meta.is_file():
+        examples = _from_metadata(data_dir, meta)
+    else:
+        images = sorted(p for p in data_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if images and not default_caption:
+            raise DataError(
+                f"{data_dir} has images but no {METADATA} and the node has no default caption: add "
+                f"{METADATA} lines {{\"file_name\": ..., \"text\": ...}} or set --node-config default-caption=\"...\""
+            )
+        examples = [Example(p, default_caption or "") for p in images]
+    if len(examples) < 2:
+        raise DataError(
+            f"{data_dir} holds {len(examples)} usable image(s): at least 2 are needed (one to train on, "
+            f"one held out); supported types are {', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
+    return examples
+
+
+def _from_metadata(data_dir: Path, meta: Path) -> list[Example]:
+    examples = []
+    for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, text = row["file_name"], row["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(
+                f"{meta}:{lineno} is not a JSON object with 'file_name' and 'text' ({err}): fix or remove that line"
+            ) from None
+        path = (data_dir / name).resolve()
+        if data_dir.resolve() not in path.parents:
+            raise DataError(f"{meta}:{lineno} names {name!r}, outside {data_dir}: use paths relative to the folder")
+        if not path.is_file():
+            raise DataError(f"{meta}:{lineno} names {name!r}, which does not exist in {data_dir}")
+        examples.append(Example(path, str(text)))
+    return sorted(examples, key=lambda e: str(e.path))
+
+
+def split(examples: list[Example], heldout_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Deterministic train/held-out split by a hash of each file name.
+
+    Hashing (not shuffling) keeps an image on the same side when others are added or removed.
+    """
+    def score(e: Example) -> float:
+        digest = hashlib.sha256(f"{seed}:{e.path.name}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    ranked = sorted(examples, key=score)
+    n_heldout = min(len(ranked) - 1, max(1, round(heldout_fraction * len(ranked))))
+    heldout = sorted(ranked[:n_heldout], key=lambda e: str(e.path))
+    train = sorted(ranked[n_heldout:], key=lambda e: str(e.path))
+    return train, heldout
+
+
+def load_image(path: Path, resolution: int) -> np.ndarray | None:
+    """Decode, resize (shorter side) and centre-crop to `resolution`; float32 HWC in [-1, 1].
+
+    Returns None for a corrupt or unreadable file (the caller skips and counts it); raises
+    DataError for a valid image the pipeline cannot use.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = img.copy()  # detach from the file before it closes
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+    if img.mode not in _CONVERTIBLE_MODES:
+        raise DataError(
+            f"{path} has image mode {img.mode} (16-bit or float): convert it to 8-bit RGB, e.g. with "
+            "PIL's Image.open(...).convert('RGB').save(...)"
+        )
+    if min(img.size) < resolution // 2:
+        raise DataError(
+            f"{path} is {img.width}x{img.height}, under half the training resolution {resolution}: "
+            "upscaling that far only teaches blur; use larger images or a lower run config 'resolution'"
+        )
+    # Transparent pixels become white rather than whatever colour hides under alpha 0.
+    if "A" in img.mode or img.mode == "P" and "transparency" in img.info:
+        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(canvas, img.convert("RGBA")).convert("RGB")
+    else:
+        rgb = img.convert("RGB")
+    scale = resolution / min(rgb.size)
+    rgb = rgb.resize((max(resolution, round(rgb.width * scale)), max(resolution, round(rgb.height * scale))),
+                     Image.Resampling.BICUBIC)
+    left, top = (rgb.width - resolution) // 2, (rgb.height - resolution) // 2
+    rgb = rgb.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """Changes whenever a file, its size/mtime or its caption changes: the latent cache key."""
+    h = hashlib.sha256()
+    for e in examples:
+        st = e.path.stat()
+        h.update(f"{e.path}\0{st.st_size}\0{st.st_mtime_ns}\0{e.caption}\n".encode())
+    return h.hexdigest()

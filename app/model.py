@@ -1,0 +1,317 @@
+"""Everything that needs torch/diffusers: the LoRA UNet, the latent cache, training, evaluation.
+
+Imported only by the code paths that train, evaluate or render: every SecAgg+ stage runs in a
+fresh ClientApp process, and importing torch + diffusers costs seconds each time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from flwr.common.logger import log
+from logging import INFO, WARNING
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from .config import NodeConfig, RunConfig
+from .data import DataError, Example, discover, fingerprint, load_image, split
+from .secagg import ADAM_BETAS
+
+CACHE_VERSION = 1
+
+
+class ModelNotAvailable(RuntimeError):
+    pass
+
+
+def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype | None]:
+    """The device and the autocast dtype (None: full fp32)."""
+    if not torch.cuda.is_available():
+        if mixed_precision in ("fp16", "bf16"):
+            log(WARNING, "mixed-precision=%s asked for but no CUDA device: training in fp32 on CPU", mixed_precision)
+        return torch.device("cpu"), None
+    device = torch.device("cuda")
+    if mixed_precision == "no":
+        return device, None
+    if mixed_precision == "fp16" or (mixed_precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return device, torch.float16
+    return device, torch.bfloat16
+
+
+def _from_pretrained(cls, base_model: str, subfolder: str, **kwargs):
+    try:
+        return cls.from_pretrained(base_model, subfolder=subfolder, **kwargs)
+    except OSError as err:
+        raise ModelNotAvailable(
+            f"cannot load {subfolder} of base model {base_model!r} on this node ({err}). Put the weights in "
+            "this node's HF_HOME cache (`hf download <id>` where the hub is reachable) or set run config "
+            "'base-model' to a local directory holding a diffusers pipeline"
+        ) from None
+
+
+# --- LoRA weights on the wire -------------------------------------------------------------------
+
+def lora_state(unet: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The adapter's tensors by PEFT name, sorted: the one key order both sides rely on."""
+    sd = get_peft_model_state_dict(unet)
+    return {k: sd[k].detach().float().cpu().numpy() for k in sorted(sd)}
+
+
+def weights_fingerprint(arrays: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_lora(unet: torch.nn.Module, names: list[str], arrays: list[np.ndarray]) -> str:
+    """Load global LoRA weights into `unet`, prove they landed, and return their fingerprint.
+
+    The public Flower diffusion examples matched PEFT names against unet.state_dict() names
+    (which carry '.default') and so never loaded anything; reading back catches that class of bug.
+    """
+    if len(arrays) != len(names):
+        raise ValueError(f"received {len(arrays)} LoRA tensors, this model has {len(names)}: run settings differ?")
+    sd = {n: torch.from_numpy(np.asarray(a, dtype=np.float32)) for n, a in zip(names, arrays)}
+    result = set_peft_model_state_dict(unet, sd)
+    if result.unexpected_keys:
+        raise ValueError(f"LoRA tensors not in this model: {result.unexpected_keys[:3]}...")
+    loaded = lora_state(unet)
+    for name, array in zip(names, arrays):
+        if loaded[name].shape != np.shape(array) or not np.array_equal(loaded[name], np.asarray(array, np.float32)):
+            raise RuntimeError(f"global LoRA weight {name} did not load into the UNet")
+    return weights_fingerprint(list(loaded.values()))
+
+
+@dataclass
+class LoraUNet:
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler
+    device: torch.device
+    autocast: torch.dtype | None
+    names: list[str]
+
+    @classmethod
+    def load(cls, cfg: RunConfig) -> LoraUNet:
+        device, autocast = device_and_dtype(cfg.mixed_precision)
+        unet = _from_pretrained(UNet2DConditionModel, cfg.base_model, "unet")
+        unet.requires_grad_(False)
+        # Same seed everywhere, so every node (and the server) starts from the same adapter.
+        torch.manual_seed(cfg.seed)
+        unet.add_adapter(LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+            target_modules=list(cfg.lora_targets),
+        ))
+        # Frozen base weights in the low-precision dtype save memory; LoRA weights stay fp32 so
+        # that Adam's small updates are not rounded away.
+        unet.to(device, dtype=autocast or torch.float32)
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        scheduler = _from_pretrained(DDPMScheduler, cfg.base_model, "scheduler")
+        return cls(unet, scheduler, device, autocast, list(lora_state(unet)))
+
+    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.unet(latents, timesteps, embeds).sample.float()
+
+    def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def train(self, data: EncodedData, steps: int, batch_size: int, learning_rate: float, seed: int) -> dict[str, float]:
+        """`steps` Adam steps on shuffled epochs of the training latents; returns loss and timings."""
+        self.unet.train()
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        # No weight decay: secagg.adam_update_bound assumes plain Adam steps.
+        opt = torch.optim.AdamW(params, lr=learning_rate, betas=ADAM_BETAS, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(seed)
+        n = len(data.train_latents)
+        order = torch.cat([torch.randperm(n, generator=gen) for _ in range(steps * batch_size // n + 1)])
+        num_t = self.scheduler.config.num_train_timesteps
+        losses, step_times = [], []
+        for step in range(steps):
+            t0 = time.perf_counter()
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            latents = data.train_latents[idx]
+            noise = torch.randn(latents.shape, generator=gen)
+            timesteps = torch.randint(0, num_t, (len(idx),), generator=gen)
+            latents, noise, timesteps = latents.to(self.device), noise.to(self.device), timesteps.to(self.device)
+            noisy = self.scheduler.add_noise(latents, noise, timesteps)
+            pred = self._predict(noisy, timesteps, data.train_embeds[idx].to(self.device))
+            loss = F.mse_loss(pred, self._target(latents, noise, timesteps))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss.item()} at local step {step}: lower 'learning-rate'")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            losses.append(loss.item())
+            step_times.append(time.perf_counter() - t0)
+            if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
+                log(INFO, "  step %d/%d loss %.4f (%.2f s/step)", step + 1, steps, np.mean(losses[-10:]), step_times[-1])
+        seconds = float(sum(step_times))
+        return {"train_loss": float(np.mean(losses)), "train_seconds": seconds,
+                "images_per_second": steps * batch_size / seconds if seconds else 0.0}
+
+    @torch.no_grad()
+    def heldout_loss(self, data: EncodedData, eval_timesteps: int, seed: int, batch_size: int) -> float:
+        """Noise-prediction MSE on the held-out latents over a fixed timestep grid with fixed noise.
+
+        The noise for held-out example i depends only on (seed, i), so the number is comparable
+        across rounds and between the base model and any adapter.
+        """
+        self.unet.eval()
+        num_t = self.scheduler.config.num_train_timesteps
+        grid = torch.linspace(0, num_t - 1, eval_timesteps).round().long()
+        total, count = 0.0, 0
+        for i in range(len(data.heldout_latents)):
+            noise = torch.randn((eval_timesteps, *data.heldout_latents.shape[1:]),
+                                generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+            latents = data.heldout_latents[i:i + 1].expand(eval_timesteps, -1, -1, -1)
+            embeds = data.heldout_embeds[i:i + 1].expand(eval_timesteps, -1, -1)
+            for s in range(0, eval_timesteps, batch_size):
+                lat, nz, t = (x[s:s + batch_size].to(self.device) for x in (latents, noise, grid))
+                pred = self._predict(self.scheduler.add_noise(lat, nz, t), t, embeds[s:s + batch_size].to(self.device))
+                total += F.mse_loss(pred, self._target(lat, nz, t), reduction="sum").item() / lat[0].numel()
+                count += len(t)
+        return total / count
+
+
+# --- The latent cache ----------------------------------------------------------------------------
+
+@dataclass
+class EncodedData:
+    train_latents: torch.Tensor
+    train_embeds: torch.Tensor
+    heldout_latents: torch.Tensor
+    heldout_embeds: torch.Tensor
+    skipped: list[str]
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_latents)
+
+    @property
+    def num_heldout(self) -> int:
+        return len(self.heldout_latents)
+
+
+def prepare_data(cfg: RunConfig, node: NodeConfig) -> EncodedData:
+    """Encode the node's images and captions once, then serve them from the cache.
+
+    At 512 px a VAE encode costs as much as a UNet training step, and the text encoder is
+    frozen too: both are run once per (model, resolution, file set), never per step or round.
+    """
+    examples = discover(node.data_dir, node.default_caption)
+    key = hashlib.sha256(
+        f"v{CACHE_VERSION}\0{cfg.base_model}\0{cfg.resolution}\0{fingerprint(examples)}".encode()
+    ).hexdigest()[:24]
+    path = node.cache_dir / f"latents-{key}.pt"
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+    else:
+        cached = _encode(cfg, examples, node.data_dir)
+        node.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(cached, tmp)
+        tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
+        log(INFO, "[%s] cached %d latents in %s", node.org, len(cached["names"]), path)
+    by_name = {n: i for i, n in enumerate(cached["names"])}
+    usable = [e for e in examples if e.path.name in by_name]
+    if len(usable) < 2:
+        raise DataError(f"{node.data_dir}: only {len(usable)} of {len(examples)} images could be read; "
+                        f"unreadable: {', '.join(cached['skipped'][:5])}")
+    train, heldout = split(usable, cfg.heldout_fraction, cfg.seed)
+
+    def pick(part: list[Example], field: str) -> torch.Tensor:
+        return cached[field][[by_name[e.path.name] for e in part]]
+
+    return EncodedData(pick(train, "latents"), pick(train, "embeds"),
+                       pick(heldout, "latents"), pick(heldout, "embeds"), list(cached["skipped"]))
+
+
+@torch.no_grad()
+def _encode(cfg: RunConfig, examples: list[Example], data_dir: Path) -> dict:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    device, autocast = device_and_dtype(cfg.mixed_precision)
+    dtype = autocast or torch.float32
+    vae = _from_pretrained(AutoencoderKL, cfg.base_model, "vae").to(device, dtype=dtype)
+    tokenizer = _from_pretrained(CLIPTokenizer, cfg.base_model, "tokenizer")
+    text_encoder = _from_pretrained(CLIPTextModel, cfg.base_model, "text_encoder").to(device, dtype=dtype)
+    names, latents, embeds, skipped = [], [], [], []
+    t0 = time.perf_counter()
+    for i, e in enumerate(examples):
+        pixels = load_image(e.path, cfg.resolution)
+        if pixels is None:
+            log(WARNING, "skipping unreadable image %s", e.path)
+            skipped.append(e.path.name)
+            continue
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device, dtype=dtype)
+        # The posterior mean, not a sample: the cache must not freeze one random draw.
+        latents.append(vae.encode(x).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
+        ids = tokenizer(e.caption, max_length=tokenizer.model_max_length, padding="max_length",
+                        truncation=True, return_tensors="pt").input_ids
+        embeds.append(text_encoder(ids.to(device))[0].float().cpu())
+        names.append(e.path.name)
+        if (i + 1) % 50 == 0:
+            log(INFO, "encoded %d/%d images (%.1f images/s)", i + 1, len(examples), (i + 1) / (time.perf_counter() - t0))
+    if not latents:
+        raise DataError(f"none of the {len(examples)} images in {data_dir} could be read: check the files")
+    log(INFO, "encoded %d images in %.1f s (%d unreadable skipped)", len(names), time.perf_counter() - t0, len(skipped))
+    return {"names": names, "latents": torch.cat(latents), "embeds": torch.cat(embeds), "skipped": skipped}
+
+
+# --- Samples for people to look at --------------------------------------------------------------
+
+class Sampler:
+    """Renders a grid of fixed prompts with fixed seeds, so rounds can be compared by eye."""
+
+    def __init__(self, cfg: RunConfig, model: LoraUNet) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        self.cfg, self.model = cfg, model
+        try:
+            self.pipe = StableDiffusionPipeline.from_pretrained(
+                cfg.base_model, unet=model.unet, safety_checker=None, requires_safety_checker=False,
+                torch_dtype=model.autocast or torch.float32,
+            ).to(model.device)
+        except OSError as err:
+            raise ModelNotAvailable(f"cannot load base model {cfg.base_model!r} to render samples ({err})") from None
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def grid(self, arrays: list[np.ndarray] | None):
+        """Samples of the base model (arrays=None) or of the given global adapter, one row."""
+        from PIL import Image
+
+        unet = self.model.unet
+        if arrays is None:
+            unet.disable_adapters()
+        else:
+            unet.enable_adapters()
+            load_lora(unet, self.model.names, arrays)
+        images = []
+        for i, prompt in enumerate(self.cfg.sample_prompts):
+            gen = torch.Generator(self.model.device).manual_seed(self.cfg.seed + i)
+            with torch.autocast(self.model.device.type, dtype=self.model.autocast,
+                                enabled=self.model.autocast is not None):
+                images.append(self.pipe(prompt, height=self.cfg.resolution, width=self.cfg.resolution,
+                                        num_inference_steps=self.cfg.sample_steps, generator=gen).images[0])
+        unet.enable_adapters()
+        size = self.cfg.resolution
+        sheet = Image.new("RGB", (size * len(images), size), "white")
+        for i, img in enumerate(images):
+            sheet.paste(img, (i * size, 0))
+        return sheet

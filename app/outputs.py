@@ -1,0 +1,120 @@
+"""The run's output directory: per-round checkpoints, resume, the final adapter, sample grids.
+
+    <output-dir>/run-config.json                   settings a checkpoint depends on
+    <output-dir>/rounds/round-0003/                one complete round, written atomically:
+        pytorch_lora_weights.safetensors           the global adapter after that round
+        metrics.json                               losses, participants, timings
+        samples.png                                fixed prompts and seeds (if enabled)
+    <output-dir>/rounds/round-0000/                the base model: metrics and samples
+    <output-dir>/final/pytorch_lora_weights.safetensors   `pipe.load_lora_weights(<output-dir>/final)`
+    <output-dir>/metrics.jsonl                     every round's metrics, one line each
+
+A round directory appears by rename only when complete, so a crash never leaves a half round
+that a restart would resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+
+
+class OutputDir:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.rounds = root / "rounds"
+        self.final = root / "final"
+
+    def claim(self, identity: dict[str, Any]) -> None:
+        """Record what the checkpoints here depend on, or refuse a directory from another setup."""
+        self.rounds.mkdir(parents=True, exist_ok=True)
+        path = self.root / "run-config.json"
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            if previous != identity:
+                diff = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v}
+                raise ValueError(
+                    f"output-dir {self.root} holds checkpoints of another setup {diff} (was, now): use a "
+                    "new output-dir, or the same settings to resume"
+                )
+        else:
+            path.write_text(json.dumps(identity, indent=2) + "\n")
+
+    def round_dir(self, rnd: int) -> Path:
+        return self.rounds / f"round-{rnd:04d}"
+
+    def completed_rounds(self) -> list[int]:
+        if not self.rounds.is_dir():
+            return []
+        found = (re.fullmatch(r"round-(\d+)", p.name) for p in self.rounds.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def last_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The newest round with an adapter, as (round, PEFT-named arrays)."""
+        for rnd in reversed(self.completed_rounds()):
+            if (self.round_dir(rnd) / ADAPTER_FILE).is_file():
+                return rnd, read_adapter(self.round_dir(rnd))
+        return None
+
+    def write_round(self, rnd: int, metrics: dict[str, Any], adapter: dict[str, np.ndarray] | None,
+                    samples: Any | None) -> Path:
+        final = self.round_dir(rnd)
+        tmp = final.with_name(final.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if adapter is not None:
+            write_adapter(tmp, adapter)
+        if samples is not None:
+            samples.save(tmp / "samples.png")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        self._write_history()
+        return final
+
+    def _write_history(self) -> None:
+        lines = [json.dumps(json.loads((self.round_dir(r) / "metrics.json").read_text()))
+                 for r in self.completed_rounds()]
+        tmp = self.root / "metrics.jsonl.partial"
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(self.root / "metrics.jsonl")
+
+    def history(self) -> list[dict[str, Any]]:
+        path = self.root / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def write_final(self, rnd: int) -> Path:
+        tmp = self.final.with_name("final.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.round_dir(rnd), tmp)
+        shutil.rmtree(self.final, ignore_errors=True)
+        tmp.rename(self.final)
+        return self.final / ADAPTER_FILE
+
+
+def write_adapter(directory: Path, peft_state: dict[str, np.ndarray]) -> Path:
+    """Save in the layout `StableDiffusionPipeline.load_lora_weights(directory)` reads."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in peft_state.items()}
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(tensors))
+    return directory / ADAPTER_FILE
+
+
+def read_adapter(directory: Path) -> dict[str, np.ndarray]:
+    """The inverse of write_adapter: PEFT names, sorted."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors.numpy import load_file
+
+    raw = load_file(directory / ADAPTER_FILE)
+    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in raw.items()})
+    return {k: peft[k] for k in sorted(peft)}

@@ -1,0 +1,344 @@
+"""The ServerApp: FedAvg of LoRA updates through SecAgg+, with checkpoints and resume.
+
+Flower's DefaultWorkflow runs rounds 1..N blind: it cannot resume, it waits 24 h for missing
+nodes, and a round SecAgg+ could not aggregate is only logged while the run ends "completed".
+So this loop drives Flower's own per-round workflows itself:
+
+    prepare   every node encodes its data once and reports its example count
+    round 0   held-out loss and samples of the base model (skipped when resuming)
+    round r   fit (SecAgg+ or plain FedAvg) -> must aggregate, or the run fails
+              evaluate the new global adapter on every node's held-out split
+              checkpoint adapter + metrics + samples; a restart resumes after the last one
+"""
+
+from __future__ import annotations
+
+import time
+from logging import ERROR, INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message
+from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, GetPropertiesIns, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
+from flwr.common.constant import MessageTypeLegacy
+from flwr.common.logger import log
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
+from flwr.serverapp import Grid, ServerApp
+
+from .config import RunConfig
+from .outputs import OutputDir
+from .secagg import QuantizationSettings
+
+# With fewer participants, each one can subtract its own update from the aggregate and read the
+# other's: secure aggregation then hides nothing from the participants themselves.
+SECAGG_MIN_PRIVATE = 3
+POLL_SECONDS = 1.0
+
+
+class RunFailed(RuntimeError):
+    """The run cannot produce a correct result; the message says why and what to check."""
+
+
+class TimeoutGrid:
+    """The grid with a default reply timeout, so that no stage waits forever for a lost node."""
+
+    def __init__(self, grid: Grid, timeout: float) -> None:
+        self._grid, self._timeout = grid, timeout
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        return self._grid.send_and_receive(messages, timeout=timeout or self._timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def _weighted(values: list[tuple[float, int]]) -> float:
+    return float(sum(v * n for v, n in values) / sum(n for _, n in values))
+
+
+class RoundStrategy(Strategy):
+    """Sends each stage to exactly the round's participants; turns the averaged update into the
+    next global adapter. Under SecAgg+ every result carries the same already-averaged update."""
+
+    def __init__(self) -> None:
+        self.participants: list[ClientProxy] = []
+        self.org_of: dict[int, str] = {}
+        self.global_arrays: list[np.ndarray] = []
+        self.fit: dict[str, Any] | None = None
+        self.eval: dict[str, Any] | None = None
+
+    def initialize_parameters(self, client_manager):
+        return ndarrays_to_parameters(self.global_arrays)
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        self.fit = None
+        ins = FitIns(parameters, {"server-round": server_round})
+        return [(proxy, ins) for proxy in self.participants]
+
+    def aggregate_fit(self, server_round, results: list[tuple[ClientProxy, FitRes]], failures):
+        for failure in failures:
+            log(ERROR, "round %d: a node failed: %s", server_round, getattr(failure, "status", failure))
+        if not results:
+            return None, {}
+        total = sum(res.num_examples for _, res in results)
+        update = [np.zeros(g.shape, np.float64) for g in self.global_arrays]
+        for _, res in results:
+            for acc, arr in zip(update, parameters_to_ndarrays(res.parameters)):
+                acc += arr.astype(np.float64) * (res.num_examples / total)
+        self.global_arrays = [(g + u).astype(np.float32) for g, u in zip(self.global_arrays, update)]
+        self.fit = {
+            "orgs": sorted(self.org_of[p.node_id] for p, _ in results),
+            "num_examples": total,
+            "failures": len(failures),
+            "update_norm": float(np.sqrt(sum(float(np.sum(u * u)) for u in update))),
+            "metrics": {str(res.metrics["org"]): dict(res.metrics) | {"num_examples": res.num_examples}
+                        for _, res in results},
+        }
+        return ndarrays_to_parameters(self.global_arrays), {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        self.eval = None
+        ins = EvaluateIns(parameters, {"server-round": server_round})
+        return [(proxy, ins) for proxy in self.participants]
+
+    def aggregate_evaluate(self, server_round, results: list[tuple[ClientProxy, EvaluateRes]], failures):
+        for failure in failures:
+            log(ERROR, "round %d: evaluation failed on a node: %s", server_round, getattr(failure, "status", failure))
+        if not results:
+            return None, {}
+        loss = _weighted([(res.loss, res.num_examples) for _, res in results])
+        self.eval = {"heldout_loss": loss,
+                     "metrics": {str(res.metrics["org"]): dict(res.metrics) | {"num_examples": res.num_examples}
+                                 for _, res in results}}
+        return loss, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class Federation:
+    def __init__(self, grid: Grid, context: Context, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.grid = TimeoutGrid(grid, cfg.round_timeout)
+        self.out = OutputDir(cfg.output_dir)
+        self.strategy = RoundStrategy()
+        self.clients = SimpleClientManager()
+        self.legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.num_rounds),
+                                    strategy=self.strategy, client_manager=self.clients)
+        self.round_cfg = ConfigRecord({Key.START_TIME: time.time(), Key.CURRENT_ROUND: 0})
+        self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = self.round_cfg
+        self.proxies: dict[int, ClientProxy] = {}
+        self.counts: dict[int, int] = {}  # node id -> training examples, for prepared nodes
+        self.secagg = SecAggPlusWorkflow(
+            # Every participant holds a share of every other's key; any 2/3 of them can unmask
+            # the sum when a node drops out mid-round.
+            num_shares=1.0, reconstruction_threshold=0.67, timeout=cfg.round_timeout,
+        ) if cfg.aggregation == "secagg+" else None
+
+    # --- nodes -------------------------------------------------------------------------------
+
+    def _prepare_new_nodes(self) -> list[str]:
+        """Have unseen nodes encode their data; returns the errors of nodes that failed."""
+        ids = set(self.grid.get_node_ids())
+        for gone in set(self.proxies) - ids:
+            self.clients.unregister(self.proxies.pop(gone))
+            self.counts.pop(gone, None)
+        new = sorted(ids - set(self.proxies))
+        if not new:
+            return []
+        content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
+        msgs = [Message(content=content, dst_node_id=nid, message_type=MessageTypeLegacy.GET_PROPERTIES,
+                        group_id="prepare") for nid in new]
+        t0 = time.perf_counter()
+        replies = list(self.grid.send_and_receive(msgs))
+        errors = []
+        for msg in replies:
+            nid = msg.metadata.src_node_id
+            if msg.has_error():
+                errors.append(f"node {nid}: {msg.error.reason}")
+                continue
+            res = compat.recorddict_to_getpropertiesres(msg.content)
+            if res.status.code != Code.OK:
+                errors.append(f"node {nid}: {res.status.message}")
+                continue
+            props = res.properties
+            proxy = GridClientProxy(node_id=nid, grid=self.grid, run_id=self.grid.run.run_id)
+            self.proxies[nid] = proxy
+            self.clients.register(proxy)
+            self.counts[nid] = int(props["num-train"])
+            self.strategy.org_of[nid] = str(props["org"])
+            log(INFO, "node of %s ready: %s train / %s held-out images, %s unreadable skipped",
+                props["org"], props["num-train"], props["num-heldout"], props["skipped-images"])
+        for error in errors:
+            log(ERROR, "a node could not prepare its data: %s", error)
+        log(INFO, "prepare: %d node(s) answered in %.1f s", len(replies), time.perf_counter() - t0)
+        return errors
+
+    def _participants(self, rnd: int) -> list[ClientProxy]:
+        """This round's nodes: every prepared node online, once at least min-nodes are."""
+        deadline = time.monotonic() + self.cfg.node_wait_timeout
+        errors: list[str] = []
+        while True:
+            errors += self._prepare_new_nodes()
+            online = set(self.grid.get_node_ids())
+            ready = [p for nid, p in sorted(self.proxies.items()) if nid in online]
+            if len(ready) >= self.cfg.min_nodes:
+                break
+            if time.monotonic() > deadline:
+                orgs = sorted(self.strategy.org_of[p.node_id] for p in ready)
+                raise RunFailed(
+                    f"round {rnd}: {len(ready)} of min-nodes={self.cfg.min_nodes} nodes ready after "
+                    f"{self.cfg.node_wait_timeout:.0f} s (ready: {orgs or 'none'})"
+                    + (f"; failed: {'; '.join(errors)}" if errors else "")
+                    + ". Check that every SuperNode runs and reaches the SuperLink, or lower min-nodes."
+                )
+            time.sleep(POLL_SECONDS)
+        if self.secagg and len(ready) < SECAGG_MIN_PRIVATE:
+            log(WARNING, "!" * 78)
+            log(WARNING, "round %d: only %d participants. With fewer than %d, secure aggregation hides "
+                "NOTHING: each one can recover the other's update from the average.", rnd, len(ready), SECAGG_MIN_PRIVATE)
+            log(WARNING, "!" * 78)
+        return ready
+
+    # --- rounds ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        cfg = self.cfg
+        from . import model  # torch on the server only for the initial adapter and samples
+
+        self.out.claim(cfg.model_identity)
+        net = model.LoraUNet.load(cfg)
+        self.names = net.names
+        sampler = model.Sampler(cfg, net) if cfg.sample_every else None
+        checkpoint = self.out.last_checkpoint()
+        if checkpoint:
+            start, arrays = checkpoint
+            if list(arrays) != net.names:
+                raise RunFailed(f"checkpoint round {start} in {self.out.rounds} does not match the model's LoRA layers")
+            self.strategy.global_arrays = list(arrays.values())
+            log(INFO, "resuming after round %d from %s", start, self.out.round_dir(start))
+        else:
+            start = 0
+            self.strategy.global_arrays = list(model.lora_state(net.unet).values())
+        if start >= cfg.num_rounds:
+            log(INFO, "all %d rounds are already in %s: nothing to train", cfg.num_rounds, self.out.root)
+        self._set_global()
+
+        if start == 0:
+            self.strategy.participants = self._participants(0)
+            t0 = time.perf_counter()
+            default_evaluate_workflow(self.grid, self.legacy)
+            metrics = self._round_metrics(0, {"evaluate": time.perf_counter() - t0})
+            self._checkpoint(0, metrics, sampler, samples_now=sampler is not None)
+
+        for rnd in range(start + 1, cfg.num_rounds + 1):
+            t_round = time.perf_counter()
+            self.round_cfg[Key.CURRENT_ROUND] = rnd
+            self.strategy.participants = self._participants(rnd)
+            sent = model.weights_fingerprint(self.strategy.global_arrays)
+            quant = self._configure_secagg()
+            log(INFO, "[ROUND %d/%d] %s over %s", rnd, cfg.num_rounds, cfg.aggregation,
+                ", ".join(sorted(self.strategy.org_of[p.node_id] for p in self.strategy.participants)))
+            t0 = time.perf_counter()
+            (self.secagg or default_fit_workflow)(self.grid, self.legacy)
+            fit_seconds = time.perf_counter() - t0
+            if self.strategy.fit is None:
+                raise RunFailed(
+                    f"round {rnd} did not aggregate ({cfg.aggregation}): not enough nodes completed it. "
+                    "The SuperNode logs name the failing node; the last good adapter is in "
+                    f"{self.out.round_dir(rnd - 1)} and a new run with the same output-dir resumes there."
+                )
+            self._check_received(rnd, sent, self.strategy.fit["metrics"])
+            t0 = time.perf_counter()
+            default_evaluate_workflow(self.grid, self.legacy)
+            metrics = self._round_metrics(rnd, {"fit": fit_seconds, "evaluate": time.perf_counter() - t0})
+            metrics["global_sent_fingerprint"] = sent
+            metrics["quantization"] = quant
+            due = sampler is not None and (rnd % cfg.sample_every == 0 or rnd == cfg.num_rounds)
+            self._checkpoint(rnd, metrics, sampler, samples_now=due, round_started=t_round)
+
+        final = self.out.write_final(max(start, cfg.num_rounds))
+        history = self.out.history()
+        log(INFO, "held-out loss by round: %s", ", ".join(f"{h['round']}: {h['heldout_loss']:.5f}"
+                                                          for h in history if h.get("heldout_loss") is not None))
+        log(INFO, "final adapter: %s", final)
+
+    def _set_global(self) -> None:
+        params = ndarrays_to_parameters(self.strategy.global_arrays)
+        self.legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, True)
+
+    def _configure_secagg(self) -> dict[str, float] | None:
+        if not self.secagg:
+            return None
+        counts = [self.counts[p.node_id] for p in self.strategy.participants]
+        q = QuantizationSettings.for_round(self.cfg.learning_rate, self.cfg.local_steps, counts)
+        # The workflow reads these at the start of each round's setup stage.
+        self.secagg.clipping_range = q.clipping_range
+        self.secagg.max_weight = q.max_weight
+        self.secagg.quantization_range = q.quantization_range
+        self.secagg.modulus_range = q.modulus_range
+        log(INFO, "SecAgg+ quantization: clipping range %.3g, max weight %d, %d levels (step %.2g)",
+            q.clipping_range, q.max_weight, q.quantization_range, q.step)
+        return {"clipping_range": q.clipping_range, "max_weight": q.max_weight,
+                "quantization_range": q.quantization_range, "step": q.step}
+
+    def _check_received(self, rnd: int, sent: str, metrics: dict[str, dict]) -> None:
+        wrong = {org: m["received_fingerprint"] for org, m in metrics.items() if m["received_fingerprint"] != sent}
+        if wrong:
+            raise RunFailed(f"round {rnd}: {sorted(wrong)} trained from weights other than the global adapter "
+                            f"sent ({sent} sent, {wrong} loaded)")
+
+    def _round_metrics(self, rnd: int, seconds: dict[str, float]) -> dict[str, Any]:
+        fit, ev = self.strategy.fit if rnd else None, self.strategy.eval
+        metrics: dict[str, Any] = {
+            "round": rnd, "aggregation": self.cfg.aggregation,
+            "participants": sorted(self.strategy.org_of[p.node_id] for p in self.strategy.participants),
+            "heldout_loss": ev["heldout_loss"] if ev else None,
+            "heldout_loss_by_org": {o: m["heldout_loss"] for o, m in ev["metrics"].items()} if ev else {},
+            "client_eval_seconds": {o: m["eval_seconds"] for o, m in ev["metrics"].items()} if ev else {},
+            "seconds": seconds,
+        }
+        if fit:
+            by_org = fit["metrics"]
+            metrics |= {
+                "aggregated": fit["orgs"], "num_examples": fit["num_examples"], "update_norm": fit["update_norm"],
+                "train_loss": _weighted([(m["train_loss"], m["num_examples"]) for m in by_org.values()]),
+                "train_loss_by_org": {o: m["train_loss"] for o, m in by_org.items()},
+                "received_fingerprints": {o: m["received_fingerprint"] for o, m in by_org.items()},
+                "skipped_images_by_org": {o: m["skipped_images"] for o, m in by_org.items()},
+                "client_seconds": {o: {"fit": m["fit_seconds"], "train": m["train_seconds"]} for o, m in by_org.items()},
+                "images_per_second_by_org": {o: m["images_per_second"] for o, m in by_org.items()},
+            }
+        return metrics
+
+    def _checkpoint(self, rnd, metrics, sampler, samples_now: bool, round_started: float | None = None) -> None:
+        t0 = time.perf_counter()
+        samples = sampler.grid(self.strategy.global_arrays if rnd else None) if samples_now else None
+        metrics["seconds"]["samples"] = time.perf_counter() - t0
+        if round_started is not None:
+            metrics["seconds"]["round"] = time.perf_counter() - round_started
+        adapter = dict(zip(self.names, self.strategy.global_arrays))
+        path = self.out.write_round(rnd, metrics, adapter, samples)
+        loss = metrics["heldout_loss"]
+        log(INFO, "round %d saved to %s (held-out loss %s, train loss %s)", rnd, path,
+            f"{loss:.5f}" if loss is not None else "n/a",
+            f"{metrics['train_loss']:.5f}" if "train_loss" in metrics else "n/a")
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_flower(context.run_config)
+    Federation(grid, context, cfg).run()

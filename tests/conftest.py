@@ -1,0 +1,62 @@
+"""Session-wide offline fixtures: the tiny model, per-organisation demo data, TLS certificates."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach a model hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+from app.offline import write_demo_data, write_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ORGS = ("org-1", "org-2", "org-3")
+
+
+def load_certs_tool():
+    spec = importlib.util.spec_from_file_location("certs_tool", REPO / "certs" / "certs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_demo_data(root, orgs=len(ORGS), images_per_org=16)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("certs")
+    load_certs_tool().generate(d, [])
+    return d
+
+
+def with_defaults(run_config: dict) -> dict:
+    """The run config a ServerApp or ClientApp sees: pyproject's defaults under the overrides."""
+    import tomllib
+
+    defaults = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return defaults | run_config
+
+
+def tiny_run_config(tiny_model: Path, output_dir: Path, **overrides) -> dict:
+    """Run settings for the tiny model: small, fast, and still learning something measurable."""
+    return {
+        "base-model": str(tiny_model), "resolution": 32, "num-server-rounds": 2, "local-steps": 8,
+        "batch-size": 4, "learning-rate": 1e-3, "heldout-fraction": 0.25, "eval-timesteps": 8,
+        "output-dir": str(output_dir), "sample-steps": 2, "node-wait-timeout": 120, "round-timeout": 300,
+        **overrides,
+    }

@@ -1,0 +1,116 @@
+"""A real Flower federation on loopback: one TLS SuperLink, N SuperNodes, the `flwr` CLI.
+
+Used by the end-to-end tests and by the benchmark; nothing here is a mock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def kv(config: dict) -> str:
+    """Flower's 'k=v k2=v2' syntax with TOML values."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    })
+    env.update(extra)
+    return env
+
+
+class LocalFederation:
+    def __init__(self, workdir: Path, certs: Path, nodes: dict[str, dict]) -> None:
+        self.workdir, self.certs, self.nodes = workdir, certs, nodes
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.flwr_home = workdir / "flwr-home"
+        self.env = offline_env()
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        out = open(self.workdir / f"{name}.log", "wb")
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(self) -> None:
+        self._spawn("superlink", [
+            str(BIN / "flower-superlink"), "--port", str(self.port),
+            "--ssl-ca-certfile", str(self.certs / "ca.pem"), "--ssl-certfile", str(self.certs / "server.pem"),
+            "--ssl-keyfile", str(self.certs / "server.key"), "--database", str(self.workdir / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.procs["superlink"].poll() is not None:
+                    raise RuntimeError(f"SuperLink exited:\n{self.log('superlink')}")
+                time.sleep(0.3)
+        raise RuntimeError(f"SuperLink did not open port {self.port}:\n{self.log('superlink')}")
+
+    def start_supernode(self, name: str, root_certificates: Path | None = None) -> subprocess.Popen:
+        return self._spawn(name, [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates", str(root_certificates or self.certs / "ca.pem"),
+            "--port", str(free_port()), "--node-config", kv(self.nodes[name]), "--max-retries", "3",
+        ])
+
+    def __enter__(self) -> LocalFederation:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.start_superlink()
+        for name in self.nodes:
+            self.start_supernode(name)
+        self.flwr_home.mkdir(exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.certs / "ca.pem"}"\ninsecure = false\n'
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in reversed(list(self.procs.values())):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def flwr(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=self.env | {"FLWR_HOME": str(self.flwr_home)},
+                              capture_output=True, text=True, timeout=timeout)
+
+    def run_app(self, run_config: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+        """`flwr run . local --stream`: blocks until the run ends, output is the ServerApp log."""
+        return self.flwr("run", ".", "local", "--stream", "--run-config", kv(run_config), timeout=timeout)

@@ -1,0 +1,36 @@
+"""Bad settings are reported by name, with the fix, before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.config import ConfigError, NodeConfig, RunConfig
+from conftest import with_defaults
+
+
+def test_defaults_are_valid_and_real():
+    cfg = RunConfig.from_flower(with_defaults({}))
+    assert cfg.base_model == "segmind/tiny-sd" and cfg.aggregation == "secagg+" and cfg.resolution == 512
+    assert cfg.lora_targets == ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("output-dir", "outputs", "absolute path"),
+    ("aggregation", "secagg", "one of"),
+    ("resolution", 100, "multiple of 8"),
+    ("learning-rate", -1.0, "> 0"),
+    ("heldout-fraction", 1.0, r"\(0, 1\)"),
+    ("min-nodes", 1, "secagg\\+ needs at least 2"),
+    ("lora-target-modules", " , ", "empty"),
+    ("local-steps", "10", "must be int"),
+])
+def test_invalid_run_settings(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_flower(with_defaults({key: value}))
+
+
+def test_node_config_requires_data_dir_and_org():
+    with pytest.raises(ConfigError, match="data-dir, org"):
+        NodeConfig.from_flower({})
+    node = NodeConfig.from_flower({"data-dir": "/data", "org": "clinic-a", "cache-dir": "/c"})
+    assert str(node.data_dir) == "/data" and node.org == "clinic-a" and node.default_caption is None

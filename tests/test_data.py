@@ -1,0 +1,125 @@
+"""Loading an organisation's images: the layouts people have, and every way they go wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.config import NodeConfig, RunConfig
+from app.data import DataError, discover, load_image, split
+from conftest import tiny_run_config, with_defaults
+
+
+def _image(path: Path, size=(48, 40), mode="RGB", color=(200, 30, 30)) -> Path:
+    Image.new(mode, size, color if mode != "I;16" else 1000).save(path)
+    return path
+
+
+def _imagefolder(root: Path, n: int = 6) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        _image(root / f"img{i}.png", color=(i * 40, 10, 10))
+        lines.append(json.dumps({"file_name": f"img{i}.png", "text": f"picture number {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_imagefolder_with_metadata(tmp_path):
+    examples = discover(_imagefolder(tmp_path / "d"), default_caption=None)
+    assert [e.name for e in examples] == [f"img{i}.png" for i in range(6)]
+    assert examples[3].caption == "picture number 3"
+
+
+def test_plain_folder_uses_default_caption(tmp_path):
+    for i in range(3):
+        _image(tmp_path / f"{i}.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    examples = discover(tmp_path, default_caption="a scan")
+    assert [e.caption for e in examples] == ["a scan"] * 3
+
+
+def test_plain_folder_without_caption_says_how_to_fix(tmp_path):
+    _image(tmp_path / "a.png"), _image(tmp_path / "b.png")
+    with pytest.raises(DataError, match="default-caption"):
+        discover(tmp_path, default_caption=None)
+
+
+def test_missing_and_empty_directories_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*data-dir"):
+        discover(tmp_path / "nope", None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="0 usable image"):
+        discover(tmp_path / "empty", "caption")
+
+
+def test_bad_metadata_names_the_line(tmp_path):
+    root = _imagefolder(tmp_path / "d", 2)
+    with (root / "metadata.jsonl").open("a") as f:
+        f.write('{"file_name": "img0.png"}\n')
+    with pytest.raises(DataError, match=r"metadata.jsonl:3"):
+        discover(root, None)
+    (root / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "x"}\n')
+    with pytest.raises(DataError, match="missing.png"):
+        discover(root, None)
+
+
+def test_corrupt_image_is_skipped_not_fatal(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    assert load_image(tmp_path / "broken.png", 32) is None
+
+
+def test_unusable_mode_and_size_name_the_file(tmp_path):
+    with pytest.raises(DataError, match=r"deep\.png.*mode I;16"):
+        load_image(_image(tmp_path / "deep.png", mode="I;16"), 32)
+    with pytest.raises(DataError, match=r"tiny\.png is 10x10.*resolution"):
+        load_image(_image(tmp_path / "tiny.png", size=(10, 10)), 32)
+
+
+def test_resize_crop_and_transparency(tmp_path):
+    img = Image.new("RGBA", (80, 40), (255, 0, 0, 0))  # fully transparent red
+    img.save(tmp_path / "t.png")
+    pixels = load_image(tmp_path / "t.png", 32)
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.float32
+    assert np.allclose(pixels, 1.0)  # transparent becomes white, not red
+
+
+def test_split_is_deterministic_and_stable_when_data_grows(tmp_path):
+    root = _imagefolder(tmp_path / "d", 20)
+    train, held = split(discover(root, None), 0.25, seed=0)
+    assert len(held) == 5 and len(train) == 15 and not {e.name for e in train} & {e.name for e in held}
+    assert split(discover(root, None), 0.25, seed=0) == (train, held)
+    _image(root / "extra.png")
+    with (root / "metadata.jsonl").open("a") as f:
+        f.write(json.dumps({"file_name": "extra.png", "text": "new"}) + "\n")
+    _, held_more = split(discover(root, None), 0.25, seed=0)
+    assert len({e.name for e in held} & {e.name for e in held_more}) >= 4  # mostly the same held-out images
+
+
+def test_prepare_counts_corrupt_images_and_caches_latents(tmp_path, tiny_model, monkeypatch):
+    from app import model
+
+    root = _imagefolder(tmp_path / "d", 8)
+    (root / "img7.png").write_bytes(b"garbage")
+    cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
+    node = NodeConfig(root, "org-x", None, tmp_path / "cache")
+    data = model.prepare_data(cfg, node)
+    assert data.skipped == ["img7.png"]
+    assert data.num_train + data.num_heldout == 7
+    assert data.train_latents.shape[1:] == (4, 16, 16)
+
+    # The second time nothing is decoded or encoded: the VAE is not even loaded.
+    monkeypatch.setattr(model, "_encode", lambda *a: pytest.fail("re-encoded despite the cache"))
+    again = model.prepare_data(cfg, node)
+    assert np.array_equal(again.train_latents.numpy(), data.train_latents.numpy())
+
+    # A changed file invalidates the cache.
+    shutil.copy(root / "img0.png", root / "img1.png")
+    with pytest.raises(pytest.fail.Exception, match="re-encoded"):
+        model.prepare_data(cfg, node)
+

@@ -1,0 +1,160 @@
+"""End to end on a real federation: TLS SuperLink, three SuperNodes, `flwr run`, SecAgg+.
+
+One federation serves the whole module: the main 2-round run, then a resumed run, then a run
+that must fail, then nodes that must be refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.config import NodeConfig, RunConfig
+from app.outputs import ADAPTER_FILE, read_adapter
+from conftest import ORGS, load_certs_tool, tiny_run_config, with_defaults
+from federation import LocalFederation
+
+pytestmark = pytest.mark.federation
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory, tls, demo_data):
+    work = tmp_path_factory.mktemp("federation")
+    nodes = {org: {"data-dir": str(demo_data / org), "org": org, "cache-dir": str(work / f"cache-{org}")}
+             for org in ORGS}
+    with LocalFederation(work, tls, nodes) as federation:
+        # Three CPU nodes share this machine's cores: one thread each avoids oversubscription.
+        federation.env["OMP_NUM_THREADS"] = "1"
+        yield federation
+
+
+@pytest.fixture(scope="module")
+def run(fed, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs")
+    cfg = tiny_run_config(tiny_model, out)
+    result = fed.run_app(cfg)
+    print(result.stdout[-5000:], result.stderr[-3000:])
+    assert result.returncode == 0, result.stderr
+    return {"out": out, "cfg": cfg, "log": result.stdout + result.stderr}
+
+
+def history(out: Path) -> dict[int, dict]:
+    return {m["round"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def adapter(out: Path, rnd: int) -> list[np.ndarray]:
+    return list(read_adapter(out / "rounds" / f"round-{rnd:04d}").values())
+
+
+def test_every_round_aggregated_all_nodes(run):
+    h = history(run["out"])
+    assert sorted(h) == [0, 1, 2]
+    for rnd in (1, 2):
+        assert h[rnd]["aggregated"] == list(ORGS), h[rnd]
+        assert h[rnd]["aggregation"] == "secagg+"
+        assert h[rnd]["num_examples"] == sum(12 for _ in ORGS)  # 16 images each, a quarter held out
+    assert "did not aggregate" not in run["log"]
+
+
+def test_secagg_aggregate_equals_plain_weighted_fedavg(run, demo_data):
+    """Recompute each organisation's update outside Flower (training is deterministic given its
+    inputs) and compare the weighted mean with what SecAgg+ revealed to the server."""
+    from app.client_app import local_update
+
+    cfg = RunConfig.from_flower(with_defaults(run["cfg"]))
+    for rnd in (1, 2):
+        before, after = adapter(run["out"], rnd - 1), adapter(run["out"], rnd)
+        revealed = [a.astype(np.float64) - b for a, b in zip(after, before)]
+        updates, counts = [], []
+        for org in ORGS:
+            node = NodeConfig(demo_data / org, org, None, run["out"].parent / f"recompute-{org}")
+            update, n, _ = local_update(cfg, node, before, rnd)
+            updates.append(update)
+            counts.append(n)
+        plain = [sum(n * u[i].astype(np.float64) for u, n in zip(updates, counts)) / sum(counts)
+                 for i in range(len(before))]
+        err = max(float(np.max(np.abs(p - r))) for p, r in zip(plain, revealed))
+        scale = max(float(np.max(np.abs(p))) for p in plain)
+        assert scale > 1e-4, "the round's update is too small for the comparison to mean anything"
+        assert err < 1e-5, f"round {rnd}: SecAgg+ differs from plain FedAvg by {err:.2e} (update scale {scale:.2e})"
+
+
+def test_round_2_started_from_round_1_global(run):
+    from app.model import weights_fingerprint
+
+    h = history(run["out"])
+    round1 = weights_fingerprint(adapter(run["out"], 1))
+    assert h[2]["global_sent_fingerprint"] == round1
+    # Each node reads the weights back out of its UNet after loading them: this is what it trained from.
+    assert h[2]["received_fingerprints"] == {org: round1 for org in ORGS}
+    assert h[1]["received_fingerprints"] == {org: weights_fingerprint(adapter(run["out"], 0)) for org in ORGS}
+
+
+def test_heldout_loss_improves_on_base_model(run):
+    h = history(run["out"])
+    assert h[0]["heldout_loss"] is not None and set(h[0]["heldout_loss_by_org"]) == set(ORGS)
+    assert h[2]["heldout_loss"] < h[0]["heldout_loss"], {r: m["heldout_loss"] for r, m in h.items()}
+
+
+def test_outputs_per_round_and_final(run):
+    out = run["out"]
+    for rnd in (0, 1, 2):
+        d = out / "rounds" / f"round-{rnd:04d}"
+        assert (d / ADAPTER_FILE).is_file() and (d / "metrics.json").is_file()
+        assert (d / "samples.png").stat().st_size > 0
+    assert (out / "final" / ADAPTER_FILE).read_bytes() == (out / "rounds" / "round-0002" / ADAPTER_FILE).read_bytes()
+
+
+def test_final_adapter_loads_in_diffusers_and_changes_output(run, tiny_model):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True)
+
+    def render():
+        return pipe("a red circle on a white background", height=32, width=32, num_inference_steps=3,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+    base = render()
+    pipe.load_lora_weights(run["out"] / "final")
+    tuned = render()
+    assert np.abs(tuned - base).max() > 1e-3
+
+
+def test_rerun_resumes_after_last_complete_round(fed, run):
+    cfg = run["cfg"] | {"num-server-rounds": 3}
+    before = (run["out"] / "rounds" / "round-0002" / ADAPTER_FILE).read_bytes()
+    result = fed.run_app(cfg)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming after round 2" in result.stdout + result.stderr
+    h = history(run["out"])
+    assert sorted(h) == [0, 1, 2, 3]
+    assert h[3]["aggregated"] == list(ORGS)
+    assert (run["out"] / "rounds" / "round-0002" / ADAPTER_FILE).read_bytes() == before
+    from app.model import weights_fingerprint
+    assert h[3]["received_fingerprints"]["org-1"] == weights_fingerprint(adapter(run["out"], 2))
+
+
+def test_round_that_cannot_aggregate_fails_the_run(fed, tiny_model, tmp_path):
+    # An absurd learning rate makes every node's loss non-finite: no update may be aggregated,
+    # and the run must not end "completed".
+    cfg = tiny_run_config(tiny_model, tmp_path / "out", **{"learning-rate": 1e30, "round-timeout": 120})
+    result = fed.run_app(cfg)
+    text = result.stdout + result.stderr
+    assert "round 1 did not aggregate" in text, text[-3000:]
+    assert not (tmp_path / "out" / "rounds" / "round-0001").exists()
+    runs = fed.flwr("ls", "--format", "json")
+    status = {r["run-id"]: r["status"] for r in json.loads(runs.stdout)["runs"]}
+    assert any(s.startswith("finished:failed") for s in status.values()), runs.stdout
+
+
+def test_node_without_the_federation_ca_is_refused(fed, tmp_path):
+    other_ca = tmp_path / "other"
+    load_certs_tool().generate(other_ca, [])
+    fed.nodes["intruder"] = {"data-dir": "/nonexistent", "org": "intruder"}
+    proc = fed.start_supernode("intruder", root_certificates=other_ca / "ca.pem")
+    assert proc.wait(timeout=120) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in fed.log("intruder") or "certificate verify failed" in fed.log("intruder")

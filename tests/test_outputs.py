@@ -1,0 +1,57 @@
+"""Checkpoints and resume: only complete rounds count, and only for the same setup."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from app.outputs import ADAPTER_FILE, OutputDir
+
+IDENTITY = {"base-model": "m", "lora-rank": 4, "lora-alpha": 4, "lora-target-modules": "to_q"}
+STATE = {"down.lora_A.weight": np.ones((4, 8), np.float32), "down.lora_B.weight": np.zeros((8, 4), np.float32)}
+
+
+def _round(out: OutputDir, rnd: int, scale: float = 1.0) -> None:
+    out.write_round(rnd, {"round": rnd, "heldout_loss": 1.0 / (rnd + 1)},
+                    {k: v * scale for k, v in STATE.items()}, samples=None)
+
+
+def test_resume_from_last_complete_round(tmp_path):
+    out = OutputDir(tmp_path)
+    out.claim(IDENTITY)
+    assert out.last_checkpoint() is None
+    for rnd in range(3):
+        _round(out, rnd, scale=rnd + 1)
+    # A round interrupted mid-write is never taken for a complete one.
+    (tmp_path / "rounds" / "round-0003.partial").mkdir()
+    (tmp_path / "rounds" / "round-0003.partial" / ADAPTER_FILE).write_bytes(b"half")
+    rnd, state = out.last_checkpoint()
+    assert rnd == 2
+    assert np.array_equal(state["down.lora_A.weight"], STATE["down.lora_A.weight"] * 3)
+    assert [m["round"] for m in out.history()] == [0, 1, 2]
+
+
+def test_rewriting_a_round_replaces_it_and_history(tmp_path):
+    out = OutputDir(tmp_path)
+    out.claim(IDENTITY)
+    _round(out, 1)
+    out.write_round(1, {"round": 1, "heldout_loss": 0.5}, STATE, samples=None)
+    assert out.history() == [{"round": 1, "heldout_loss": 0.5}]
+    assert json.loads((out.round_dir(1) / "metrics.json").read_text())["heldout_loss"] == 0.5
+
+
+def test_output_dir_of_another_setup_is_refused(tmp_path):
+    OutputDir(tmp_path).claim(IDENTITY)
+    with pytest.raises(ValueError, match="lora-rank.*new output-dir"):
+        OutputDir(tmp_path).claim(IDENTITY | {"lora-rank": 16})
+    OutputDir(tmp_path).claim(dict(IDENTITY))  # the same setup resumes
+
+
+def test_final_is_a_copy_of_the_last_round(tmp_path):
+    out = OutputDir(tmp_path)
+    out.claim(IDENTITY)
+    _round(out, 1)
+    final = out.write_final(1)
+    assert final.read_bytes() == (out.round_dir(1) / ADAPTER_FILE).read_bytes()
