@@ -2,9 +2,10 @@
 
 Message by message (each in a fresh process under Flower 1.41):
 - get_properties ("prepare"): encode the node's images once into the latent cache; report counts.
-- fit: load the global adapter, train, return the *update* (local - global). Under SecAgg+ the
-  secaggplus_mod masks it, so the coordinator only ever sees the sum over all nodes.
-- evaluate: held-out loss of the global adapter.
+- fit: load the global adapter, measure its held-out loss, train, return the *update*
+  (local - global). Under SecAgg+ the secaggplus_mod masks it, so the coordinator only ever sees
+  the sum over all nodes.
+- evaluate: held-out loss of the final global adapter, which no later fit will measure.
 The SecAgg+ key-exchange stages never reach the client below, so torch is imported only on the
 stages that train or evaluate.
 """
@@ -41,8 +42,13 @@ def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarra
     data = model.prepare_data(cfg, node)
     net = model.LoraUNet.load(cfg)
     received = model.load_lora(net.unet, net.names, global_arrays)
-    log(INFO, "[%s] round %d: training %d steps on %d images (global %s)", node.org, rnd, cfg.local_steps,
-        data.num_train, received)
+    # Evaluate what was received before training on it: the held-out loss of the previous
+    # round's global adapter (of the base model in round 1) without a separate evaluate message.
+    t_eval = time.perf_counter()
+    heldout = net.heldout_loss(data, cfg.eval_timesteps, cfg.seed, cfg.batch_size)
+    eval_seconds = time.perf_counter() - t_eval
+    log(INFO, "[%s] round %d: global %s has held-out loss %.5f; training %d steps on %d images", node.org, rnd,
+        received, heldout, cfg.local_steps, data.num_train)
     stats = net.train(data, cfg.local_steps, cfg.batch_size, cfg.learning_rate, round_seed(cfg.seed, rnd, node.org))
     local = model.lora_state(net.unet)
     update = [local[name] - np.asarray(g, dtype=np.float32) for name, g in zip(net.names, global_arrays)]
@@ -55,6 +61,7 @@ def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarra
         raise RuntimeError(f"[{node.org}] update of size {worst:.3g} exceeds the SecAgg+ clipping range {bound:.3g}; "
                            "it would be clipped. Was the optimizer changed?")
     metrics = {"org": node.org, "received_fingerprint": received, "skipped_images": len(data.skipped),
+               "heldout_loss": heldout, "num_heldout": data.num_heldout, "eval_seconds": eval_seconds,
                "fit_seconds": time.perf_counter() - t0, **stats}
     log(INFO, "[%s] round %d: train loss %.4f, %.1f images/s, fit %.1f s", node.org, rnd, stats["train_loss"],
         stats["images_per_second"], metrics["fit_seconds"])

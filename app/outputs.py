@@ -79,6 +79,17 @@ class OutputDir:
         self._write_history()
         return final
 
+    def round_metrics(self, rnd: int) -> dict[str, Any]:
+        return json.loads((self.round_dir(rnd) / "metrics.json").read_text())
+
+    def update_round_metrics(self, rnd: int, updates: dict[str, Any]) -> None:
+        """Add what is learnt about a round later (its adapter's held-out loss)."""
+        path = self.round_dir(rnd) / "metrics.json"
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps(self.round_metrics(rnd) | updates, indent=2) + "\n")
+        tmp.replace(path)
+        self._write_history()
+
     def _write_history(self) -> None:
         lines = [json.dumps(json.loads((self.round_dir(r) / "metrics.json").read_text()))
                  for r in self.completed_rounds()]

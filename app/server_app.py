@@ -5,10 +5,11 @@ nodes, and a round SecAgg+ could not aggregate is only logged while the run ends
 So this loop drives Flower's own per-round workflows itself:
 
     prepare   every node encodes its data once and reports its example count
-    round 0   held-out loss and samples of the base model (skipped when resuming)
-    round r   fit (SecAgg+ or plain FedAvg) -> must aggregate, or the run fails
-              evaluate the new global adapter on every node's held-out split
-              checkpoint adapter + metrics + samples; a restart resumes after the last one
+    round 0   the initial adapter (equal to the base model) and samples of it
+    round r   fit (SecAgg+ or plain FedAvg): each node first measures the held-out loss of the
+              adapter it received (round r-1's), then trains; the round must aggregate, or the
+              run fails; checkpoint adapter + metrics + samples; a restart resumes after it
+    end       one evaluate stage measures the last adapter, which no later fit receives
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def _weighted(values: list[tuple[float, int]]) -> float:
     return float(sum(v * n for v, n in values) / sum(n for _, n in values))
 
 
+def _heldout(by_org: dict[str, dict], count_key: str) -> dict[str, Any]:
+    """Held-out loss of one adapter, weighted by each node's held-out images."""
+    return {
+        "heldout_loss": _weighted([(m["heldout_loss"], m[count_key]) for m in by_org.values()]),
+        "heldout_loss_by_org": {o: m["heldout_loss"] for o, m in by_org.items()},
+        "client_eval_seconds": {o: m["eval_seconds"] for o, m in by_org.items()},
+    }
+
+
 class RoundStrategy(Strategy):
     """Sends each stage to exactly the round's participants; turns the averaged update into the
     next global adapter. Under SecAgg+ every result carries the same already-averaged update."""
@@ -104,6 +114,7 @@ class RoundStrategy(Strategy):
             "metrics": {str(res.metrics["org"]): dict(res.metrics) | {"num_examples": res.num_examples}
                         for _, res in results},
         }
+        self.fit["heldout"] = _heldout(self.fit["metrics"], "num_heldout")
         return ndarrays_to_parameters(self.global_arrays), {}
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -116,11 +127,9 @@ class RoundStrategy(Strategy):
             log(ERROR, "round %d: evaluation failed on a node: %s", server_round, getattr(failure, "status", failure))
         if not results:
             return None, {}
-        loss = _weighted([(res.loss, res.num_examples) for _, res in results])
-        self.eval = {"heldout_loss": loss,
-                     "metrics": {str(res.metrics["org"]): dict(res.metrics) | {"num_examples": res.num_examples}
-                                 for _, res in results}}
-        return loss, {}
+        self.eval = _heldout({str(res.metrics["org"]): dict(res.metrics) | {"num_heldout": res.num_examples}
+                              for _, res in results}, "num_heldout")
+        return self.eval["heldout_loss"], {}
 
     def evaluate(self, server_round, parameters):
         return None
@@ -235,10 +244,7 @@ class Federation:
         self._set_global()
 
         if start == 0:
-            self.strategy.participants = self._participants(0)
-            t0 = time.perf_counter()
-            default_evaluate_workflow(self.grid, self.legacy)
-            metrics = self._round_metrics(0, {"evaluate": time.perf_counter() - t0})
+            metrics = {"round": 0, "aggregation": cfg.aggregation, "heldout_loss": None, "seconds": {}}
             self._checkpoint(0, metrics, sampler, samples_now=sampler is not None)
 
         for rnd in range(start + 1, cfg.num_rounds + 1):
@@ -259,19 +265,33 @@ class Federation:
                     f"{self.out.round_dir(rnd - 1)} and a new run with the same output-dir resumes there."
                 )
             self._check_received(rnd, sent, self.strategy.fit["metrics"])
-            t0 = time.perf_counter()
-            default_evaluate_workflow(self.grid, self.legacy)
-            metrics = self._round_metrics(rnd, {"fit": fit_seconds, "evaluate": time.perf_counter() - t0})
+            # Nodes measured the adapter they received, i.e. the previous round's result.
+            self._record_heldout(rnd - 1, self.strategy.fit["heldout"])
+            metrics = self._round_metrics(rnd, {"fit": fit_seconds})
             metrics["global_sent_fingerprint"] = sent
             metrics["quantization"] = quant
             due = sampler is not None and (rnd % cfg.sample_every == 0 or rnd == cfg.num_rounds)
             self._checkpoint(rnd, metrics, sampler, samples_now=due, round_started=t_round)
 
-        final = self.out.write_final(max(start, cfg.num_rounds))
-        history = self.out.history()
+        last = max(start, cfg.num_rounds)
+        if self.out.round_metrics(last).get("heldout_loss") is None:
+            # No later fit measures the last adapter: one evaluate stage does.
+            self.round_cfg[Key.CURRENT_ROUND] = last
+            self.strategy.participants = self._participants(last)
+            t0 = time.perf_counter()
+            default_evaluate_workflow(self.grid, self.legacy)
+            if self.strategy.eval is None:
+                raise RunFailed(f"no node could evaluate the final adapter of round {last}; see the SuperNode logs")
+            self._record_heldout(last, self.strategy.eval, stage_seconds=time.perf_counter() - t0)
+        final = self.out.write_final(last)
         log(INFO, "held-out loss by round: %s", ", ".join(f"{h['round']}: {h['heldout_loss']:.5f}"
-                                                          for h in history if h.get("heldout_loss") is not None))
+                                                          for h in self.out.history() if h["heldout_loss"] is not None))
         log(INFO, "final adapter: %s", final)
+
+    def _record_heldout(self, rnd: int, heldout: dict[str, Any], stage_seconds: float | None = None) -> None:
+        self.out.update_round_metrics(rnd, heldout | ({"evaluate_stage_seconds": stage_seconds} if stage_seconds else {}))
+        log(INFO, "round %d adapter: held-out loss %.5f (%s)", rnd, heldout["heldout_loss"],
+            ", ".join(f"{o} {v:.5f}" for o, v in sorted(heldout["heldout_loss_by_org"].items())))
 
     def _set_global(self) -> None:
         params = ndarrays_to_parameters(self.strategy.global_arrays)
@@ -299,27 +319,21 @@ class Federation:
                             f"sent ({sent} sent, {wrong} loaded)")
 
     def _round_metrics(self, rnd: int, seconds: dict[str, float]) -> dict[str, Any]:
-        fit, ev = self.strategy.fit if rnd else None, self.strategy.eval
-        metrics: dict[str, Any] = {
+        fit = self.strategy.fit
+        by_org = fit["metrics"]
+        return {
             "round": rnd, "aggregation": self.cfg.aggregation,
             "participants": sorted(self.strategy.org_of[p.node_id] for p in self.strategy.participants),
-            "heldout_loss": ev["heldout_loss"] if ev else None,
-            "heldout_loss_by_org": {o: m["heldout_loss"] for o, m in ev["metrics"].items()} if ev else {},
-            "client_eval_seconds": {o: m["eval_seconds"] for o, m in ev["metrics"].items()} if ev else {},
+            "aggregated": fit["orgs"], "num_examples": fit["num_examples"], "update_norm": fit["update_norm"],
+            "train_loss": _weighted([(m["train_loss"], m["num_examples"]) for m in by_org.values()]),
+            "heldout_loss": None,  # measured by the nodes that receive this adapter next
+            "train_loss_by_org": {o: m["train_loss"] for o, m in by_org.items()},
+            "received_fingerprints": {o: m["received_fingerprint"] for o, m in by_org.items()},
+            "skipped_images_by_org": {o: m["skipped_images"] for o, m in by_org.items()},
+            "images_per_second_by_org": {o: m["images_per_second"] for o, m in by_org.items()},
+            "client_seconds": {o: {"fit": m["fit_seconds"], "train": m["train_seconds"]} for o, m in by_org.items()},
             "seconds": seconds,
         }
-        if fit:
-            by_org = fit["metrics"]
-            metrics |= {
-                "aggregated": fit["orgs"], "num_examples": fit["num_examples"], "update_norm": fit["update_norm"],
-                "train_loss": _weighted([(m["train_loss"], m["num_examples"]) for m in by_org.values()]),
-                "train_loss_by_org": {o: m["train_loss"] for o, m in by_org.items()},
-                "received_fingerprints": {o: m["received_fingerprint"] for o, m in by_org.items()},
-                "skipped_images_by_org": {o: m["skipped_images"] for o, m in by_org.items()},
-                "client_seconds": {o: {"fit": m["fit_seconds"], "train": m["train_seconds"]} for o, m in by_org.items()},
-                "images_per_second_by_org": {o: m["images_per_second"] for o, m in by_org.items()},
-            }
-        return metrics
 
     def _checkpoint(self, rnd, metrics, sampler, samples_now: bool, round_started: float | None = None) -> None:
         t0 = time.perf_counter()
@@ -329,10 +343,8 @@ class Federation:
             metrics["seconds"]["round"] = time.perf_counter() - round_started
         adapter = dict(zip(self.names, self.strategy.global_arrays))
         path = self.out.write_round(rnd, metrics, adapter, samples)
-        loss = metrics["heldout_loss"]
-        log(INFO, "round %d saved to %s (held-out loss %s, train loss %s)", rnd, path,
-            f"{loss:.5f}" if loss is not None else "n/a",
-            f"{metrics['train_loss']:.5f}" if "train_loss" in metrics else "n/a")
+        log(INFO, "round %d saved to %s%s", rnd, path,
+            f" (train loss {metrics['train_loss']:.5f})" if "train_loss" in metrics else "")
 
 
 app = ServerApp()

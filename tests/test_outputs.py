@@ -55,3 +55,12 @@ def test_final_is_a_copy_of_the_last_round(tmp_path):
     _round(out, 1)
     final = out.write_final(1)
     assert final.read_bytes() == (out.round_dir(1) / ADAPTER_FILE).read_bytes()
+
+
+def test_metrics_learnt_later_are_added_to_the_round(tmp_path):
+    out = OutputDir(tmp_path)
+    out.claim(IDENTITY)
+    out.write_round(1, {"round": 1, "heldout_loss": None}, STATE, samples=None)
+    out.update_round_metrics(1, {"heldout_loss": 0.25})
+    assert out.round_metrics(1)["heldout_loss"] == 0.25
+    assert out.history() == [{"round": 1, "heldout_loss": 0.25}]
