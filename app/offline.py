@@ -148,6 +148,10 @@ def write_tiny_model(out_dir: Path, seed: int = 0) -> Path:
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(out_dir, safe_serialization=True)
+    # diffusers writes weights 0600; these random weights are no secret, and the nodes that load
+    # them run as their own unprivileged users.
+    for path in out_dir.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     unet_params = sum(p.numel() for p in unet.parameters())
     print(f"wrote tiny Stable Diffusion pipeline to {out_dir} (UNet: {unet_params:,} parameters)")
     return out_dir

@@ -331,8 +331,23 @@ def generate(dir: Path, sans: list[str], days: int = 825, ca_days: int = 3650) -
     dir.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = _ensure_ca(dir, ca_days)
     _ensure_server(dir, ca_key, ca_cert, wanted, days)
+    _ensure_superexec_secret(dir)
     print(f"Give organisations {_show(dir / CA_CERT)} only; "
           f"{CA_KEY} and {SERVER_KEY} stay on this host.")
+
+
+SUPEREXEC_SECRET = "superexec.secret"
+
+
+def _ensure_superexec_secret(dir: Path) -> None:
+    """The shared secret the SuperLink asks of the SuperExec that runs the ServerApp: without it,
+    anyone who reaches the SuperLink's port could pose as the ServerApp runtime."""
+    path = dir / SUPEREXEC_SECRET
+    if path.exists():
+        print(f"secret  {_show(path)}: kept")
+        return
+    _write_atomic(path, secrets.token_hex(32).encode(), 0o600)
+    print(f"secret  {_show(path)}: created")
 
 
 def _ensure_ca(dir: Path, ca_days: int) -> tuple[PrivateKey, x509.Certificate]:

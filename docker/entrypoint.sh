@@ -1,0 +1,23 @@
+#!/bin/sh
+# Run the command as an unprivileged user that can still read the federation's secrets.
+#
+# Compose file secrets are bind mounts that keep the host's owner and mode (keys are 0600), so
+# the unprivileged user could not read them. As root, copy them to a tmpfs readable by that user
+# only, make the writable mounts its own if they are not yet, then drop root for good.
+set -eu
+uid=${APP_UID:-10001}
+gid=${APP_GID:-$uid}
+[ "$uid" != 0 ] || { uid=10001; gid=10001; }  # never keep root, even if the host user is root
+if [ "$(id -u)" = 0 ]; then
+    if [ -d /run/secrets ]; then
+        install -d -m 0700 -o "$uid" -g "$gid" /run/fedlora
+        for f in /run/secrets/*; do
+            [ -f "$f" ] && install -m 0400 -o "$uid" -g "$gid" "$f" "/run/fedlora/$(basename "$f")"
+        done
+    fi
+    for d in ${WRITABLE_DIRS:-}; do
+        [ -d "$d" ] && [ "$(stat -c %u "$d")" != "$uid" ] && chown "$uid:$gid" "$d"
+    done
+    exec setpriv --reuid="$uid" --regid="$gid" --clear-groups --inh-caps=-all --bounding-set=-all -- "$@"
+fi
+exec "$@"
