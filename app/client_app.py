@@ -21,7 +21,9 @@ from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Context
 from flwr.common.logger import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from . import metrics
 from .config import NodeConfig, RunConfig
 from .secagg import adam_update_bound
 
@@ -49,7 +51,9 @@ def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarra
     eval_seconds = time.perf_counter() - t_eval
     log(INFO, "[%s] round %d: global %s has held-out loss %.5f; training %d steps on %d images", node.org, rnd,
         received, heldout, cfg.local_steps, data.num_train)
-    stats = net.train(data, cfg.local_steps, cfg.batch_size, cfg.learning_rate, round_seed(cfg.seed, rnd, node.org))
+    step_seconds = metrics.STEP_SECONDS.labels(node.org)
+    stats = net.train(data, cfg.local_steps, cfg.batch_size, cfg.learning_rate, round_seed(cfg.seed, rnd, node.org),
+                      on_step=step_seconds.observe)
     local = model.lora_state(net.unet)
     update = [local[name] - np.asarray(g, dtype=np.float32) for name, g in zip(net.names, global_arrays)]
 
@@ -60,12 +64,27 @@ def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarra
     if not np.isfinite(worst) or worst > bound:
         raise RuntimeError(f"[{node.org}] update of size {worst:.3g} exceeds the SecAgg+ clipping range {bound:.3g}; "
                            "it would be clipped. Was the optimizer changed?")
-    metrics = {"org": node.org, "received_fingerprint": received, "skipped_images": len(data.skipped),
-               "heldout_loss": heldout, "num_heldout": data.num_heldout, "eval_seconds": eval_seconds,
-               "fit_seconds": time.perf_counter() - t0, **stats}
+    report = {"org": node.org, "received_fingerprint": received, "skipped_images": len(data.skipped),
+              "heldout_loss": heldout, "num_heldout": data.num_heldout, "eval_seconds": eval_seconds,
+              "fit_seconds": time.perf_counter() - t0, **stats}
+    _export_round(cfg, node.org, report, sum(u.size for u in update))
     log(INFO, "[%s] round %d: train loss %.4f, %.1f images/s, fit %.1f s", node.org, rnd, stats["train_loss"],
-        stats["images_per_second"], metrics["fit_seconds"])
-    return update, data.num_train, metrics
+        stats["images_per_second"], report["fit_seconds"])
+    return update, data.num_train, report
+
+
+def _export_round(cfg: RunConfig, org: str, report: dict, num_elements: int) -> None:
+    metrics.TRAIN_STEPS.labels(org).inc(cfg.local_steps)
+    metrics.TRAIN_EXAMPLES.labels(org).inc(cfg.local_steps * cfg.batch_size)
+    metrics.ROUNDS_TRAINED.labels(org).inc()
+    metrics.TRAIN_LOSS.labels(org).set(report["train_loss"])
+    metrics.HELDOUT_LOSS.labels(org).set(report["heldout_loss"])
+    metrics.IMAGES_PER_SECOND.labels(org).set(report["images_per_second"])
+    metrics.IMAGES_SKIPPED.labels(org).set(report["skipped_images"])
+    if "accelerator_memory_peak_bytes" in report:
+        metrics.ACCEL_MEMORY_PEAK.labels(org).set(report["accelerator_memory_peak_bytes"])
+    metrics.SENT_BYTES.labels(org).inc(metrics.update_bytes(num_elements, cfg.aggregation == "secagg+"))
+    metrics.LAST_ROUND.labels(org).set_to_current_time()
 
 
 class LoraClient(NumPyClient):
@@ -78,6 +97,7 @@ class LoraClient(NumPyClient):
 
         t0 = time.perf_counter()
         data = model.prepare_data(self.cfg, self.node)
+        metrics.IMAGES_SKIPPED.labels(self.node.org).set(len(data.skipped))
         log(INFO, "[%s] data ready: %d train, %d held out, %d unreadable skipped (%.1f s)", self.node.org,
             data.num_train, data.num_heldout, len(data.skipped), time.perf_counter() - t0)
         return {"org": self.node.org, "num-train": data.num_train, "num-heldout": data.num_heldout,
@@ -94,10 +114,18 @@ class LoraClient(NumPyClient):
         net = model.LoraUNet.load(self.cfg)
         received = model.load_lora(net.unet, net.names, parameters)
         loss = net.heldout_loss(data, self.cfg.eval_timesteps, self.cfg.seed, self.cfg.batch_size)
+        metrics.HELDOUT_LOSS.labels(self.node.org).set(loss)
         log(INFO, "[%s] round %s: held-out loss %.5f on %d images", self.node.org, config.get("server-round"),
             loss, data.num_heldout)
         return loss, data.num_heldout, {"org": self.node.org, "heldout_loss": loss, "received_fingerprint": received,
                                         "eval_seconds": time.perf_counter() - t0}
 
 
-app = ClientApp(client_fn=lambda context: LoraClient(context).to_client(), mods=[secaggplus_mod])
+def secagg_when_asked(msg, ctxt, call_next):
+    """secaggplus_mod only understands SecAgg+ train messages; plain FedAvg ones pass it by."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+app = ClientApp(client_fn=lambda context: LoraClient(context).to_client(), mods=[secagg_when_asked])

@@ -127,8 +127,11 @@ class LoraUNet:
             return self.scheduler.get_velocity(latents, noise, timesteps)
         return noise
 
-    def train(self, data: EncodedData, steps: int, batch_size: int, learning_rate: float, seed: int) -> dict[str, float]:
-        """`steps` Adam steps on shuffled epochs of the training latents; returns loss and timings."""
+    def train(self, data: EncodedData, steps: int, batch_size: int, learning_rate: float, seed: int,
+              on_step=None) -> dict[str, float]:
+        """`steps` Adam steps on shuffled epochs of the training latents; returns loss and timings.
+
+        `on_step(seconds)` is called after every step (metrics)."""
         self.unet.train()
         params = [p for p in self.unet.parameters() if p.requires_grad]
         # No weight decay: secagg.adam_update_bound assumes plain Adam steps.
@@ -158,11 +161,16 @@ class LoraUNet:
                 torch.cuda.synchronize()
             losses.append(loss.item())
             step_times.append(time.perf_counter() - t0)
+            if on_step:
+                on_step(step_times[-1])
             if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
                 log(INFO, "  step %d/%d loss %.4f (%.2f s/step)", step + 1, steps, np.mean(losses[-10:]), step_times[-1])
         seconds = float(sum(step_times))
-        return {"train_loss": float(np.mean(losses)), "train_seconds": seconds,
-                "images_per_second": steps * batch_size / seconds if seconds else 0.0}
+        stats = {"train_loss": float(np.mean(losses)), "train_seconds": seconds,
+                 "images_per_second": steps * batch_size / seconds if seconds else 0.0}
+        if self.device.type == "cuda":
+            stats["accelerator_memory_peak_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+        return stats
 
     @torch.no_grad()
     def heldout_loss(self, data: EncodedData, eval_timesteps: int, seed: int, batch_size: int) -> float:

@@ -36,6 +36,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
+from . import metrics
 from .config import RunConfig
 from .outputs import OutputDir
 from .secagg import QuantizationSettings
@@ -222,6 +223,14 @@ class Federation:
     # --- rounds ------------------------------------------------------------------------------
 
     def run(self) -> None:
+        gauges = metrics.server()
+        gauges.run_active.set(1)
+        try:
+            self._run()
+        finally:
+            gauges.run_active.set(0)
+
+    def _run(self) -> None:
         cfg = self.cfg
         from . import model  # torch on the server only for the initial adapter and samples
 
@@ -244,12 +253,13 @@ class Federation:
         self._set_global()
 
         if start == 0:
-            metrics = {"round": 0, "aggregation": cfg.aggregation, "heldout_loss": None, "seconds": {}}
-            self._checkpoint(0, metrics, sampler, samples_now=sampler is not None)
+            record = {"round": 0, "aggregation": cfg.aggregation, "heldout_loss": None, "seconds": {}}
+            self._checkpoint(0, record, sampler, samples_now=sampler is not None)
 
         for rnd in range(start + 1, cfg.num_rounds + 1):
             t_round = time.perf_counter()
             self.round_cfg[Key.CURRENT_ROUND] = rnd
+            metrics.server().round_current.set(rnd)
             self.strategy.participants = self._participants(rnd)
             sent = model.weights_fingerprint(self.strategy.global_arrays)
             quant = self._configure_secagg()
@@ -267,11 +277,12 @@ class Federation:
             self._check_received(rnd, sent, self.strategy.fit["metrics"])
             # Nodes measured the adapter they received, i.e. the previous round's result.
             self._record_heldout(rnd - 1, self.strategy.fit["heldout"])
-            metrics = self._round_metrics(rnd, {"fit": fit_seconds})
-            metrics["global_sent_fingerprint"] = sent
-            metrics["quantization"] = quant
+            record = self._round_metrics(rnd, {"fit": fit_seconds})
+            record["global_sent_fingerprint"] = sent
+            record["quantization"] = quant
             due = sampler is not None and (rnd % cfg.sample_every == 0 or rnd == cfg.num_rounds)
-            self._checkpoint(rnd, metrics, sampler, samples_now=due, round_started=t_round)
+            self._checkpoint(rnd, record, sampler, samples_now=due, round_started=t_round)
+            self._export_round(record)
 
         last = max(start, cfg.num_rounds)
         if self.out.round_metrics(last).get("heldout_loss") is None:
@@ -288,7 +299,24 @@ class Federation:
                                                           for h in self.out.history() if h["heldout_loss"] is not None))
         log(INFO, "final adapter: %s", final)
 
+    def _export_round(self, record: dict[str, Any]) -> None:
+        gauges = metrics.server()
+        client = max(s["fit"] for s in record["client_seconds"].values())  # the slowest node gates the round
+        gauges.rounds_completed.inc()
+        gauges.round_seconds.observe(record["seconds"]["round"])
+        gauges.phase_seconds.labels("client_compute").inc(client)
+        gauges.phase_seconds.labels("other").inc(max(0.0, record["seconds"]["round"] - client))
+        sampled, responded = len(record["participants"]), len(record["aggregated"])
+        for state, n in [("online", len(list(self.grid.get_node_ids()))), ("sampled", sampled),
+                         ("responded", responded), ("dropped", sampled - responded)]:
+            gauges.nodes.labels(state).set(n)
+        gauges.train_loss.set(record["train_loss"])
+        gauges.update_norm.set(record["update_norm"])
+        size = sum(a.size for a in self.strategy.global_arrays)
+        gauges.received_bytes.inc(responded * metrics.update_bytes(size, self.secagg is not None))
+
     def _record_heldout(self, rnd: int, heldout: dict[str, Any], stage_seconds: float | None = None) -> None:
+        metrics.server().heldout_loss.set(heldout["heldout_loss"])
         self.out.update_round_metrics(rnd, heldout | ({"evaluate_stage_seconds": stage_seconds} if stage_seconds else {}))
         log(INFO, "round %d adapter: held-out loss %.5f (%s)", rnd, heldout["heldout_loss"],
             ", ".join(f"{o} {v:.5f}" for o, v in sorted(heldout["heldout_loss_by_org"].items())))

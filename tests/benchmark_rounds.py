@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from conftest import ORGS, load_certs_tool, tiny_run_config  # noqa: E402
-from federation import BIN, REPO, LocalFederation  # noqa: E402
+from federation import REPO, LocalFederation  # noqa: E402
 
 
 def import_seconds(module: str) -> float:
@@ -57,17 +57,15 @@ def main() -> None:
         print(f"process start + import, per ClientApp message: app.client_app {import_seconds('app.client_app'):.1f} s; "
               f"+ torch/diffusers (train/evaluate only) {import_seconds('app.model'):.1f} s")
         with LocalFederation(tmp / "fed", tmp / "certs", nodes) as fed:
-            fed.env["OMP_NUM_THREADS"] = "1"  # three nodes share this machine's cores
             for mode in ("secagg+", "fedavg"):
                 out = tmp / f"out-{mode}"
                 cfg = tiny_run_config(model, out, **{"num-server-rounds": args.rounds, "aggregation": mode,
                                                      "local-steps": args.local_steps, "sample-every": 0})
                 t0 = time.perf_counter()
                 result = fed.run_app(cfg)
-                if result.returncode != 0:
+                if fed.last_run_status() != "finished:completed":
                     sys.exit(f"{mode} run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
                 report(mode, out, time.perf_counter() - t0)
-        del BIN
 
 
 def report(mode: str, out: Path, total: float) -> None:

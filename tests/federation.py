@@ -44,8 +44,11 @@ def offline_env(**extra: str) -> dict[str, str]:
 
 
 class LocalFederation:
-    def __init__(self, workdir: Path, certs: Path, nodes: dict[str, dict]) -> None:
+    def __init__(self, workdir: Path, certs: Path, nodes: dict[str, dict], threads_per_node: int = 1) -> None:
         self.workdir, self.certs, self.nodes = workdir, certs, nodes
+        # Several CPU nodes share this machine's cores: torch's default of one thread per core in
+        # every node oversubscribes them many times over.
+        self.node_env = {"OMP_NUM_THREADS": str(threads_per_node)}
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.flwr_home = workdir / "flwr-home"
@@ -54,9 +57,9 @@ class LocalFederation:
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         out = open(self.workdir / f"{name}.log", "wb")
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env | (env or {}), cwd=self.workdir)
         self.procs[name] = proc
         return proc
 
@@ -83,7 +86,7 @@ class LocalFederation:
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(root_certificates or self.certs / "ca.pem"),
             "--port", str(free_port()), "--node-config", kv(self.nodes[name]), "--max-retries", "3",
-        ])
+        ], env=self.node_env)
 
     def __enter__(self) -> LocalFederation:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -112,5 +115,11 @@ class LocalFederation:
                               capture_output=True, text=True, timeout=timeout)
 
     def run_app(self, run_config: dict, timeout: float = 900) -> subprocess.CompletedProcess:
-        """`flwr run . local --stream`: blocks until the run ends, output is the ServerApp log."""
+        """`flwr run . local --stream`: blocks until the run ends, output is the ServerApp log.
+
+        `flwr run --stream` exits 0 even when the ServerApp failed: check `last_run_status()`."""
         return self.flwr("run", ".", "local", "--stream", "--run-config", kv(run_config), timeout=timeout)
+
+    def last_run_status(self) -> str:
+        runs = json.loads(self.flwr("ls", "local", "--format", "json").stdout)["runs"]
+        return max(runs, key=lambda r: r["pending-at"])["status"]

@@ -26,8 +26,6 @@ def fed(tmp_path_factory, tls, demo_data):
     nodes = {org: {"data-dir": str(demo_data / org), "org": org, "cache-dir": str(work / f"cache-{org}")}
              for org in ORGS}
     with LocalFederation(work, tls, nodes) as federation:
-        # Three CPU nodes share this machine's cores: one thread each avoids oversubscription.
-        federation.env["OMP_NUM_THREADS"] = "1"
         yield federation
 
 
@@ -37,7 +35,7 @@ def run(fed, tiny_model, tmp_path_factory):
     cfg = tiny_run_config(tiny_model, out)
     result = fed.run_app(cfg)
     print(result.stdout[-5000:], result.stderr[-3000:])
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and fed.last_run_status() == "finished:completed", result.stderr
     return {"out": out, "cfg": cfg, "log": result.stdout + result.stderr}
 
 
@@ -128,7 +126,7 @@ def test_rerun_resumes_after_last_complete_round(fed, run):
     cfg = run["cfg"] | {"num-server-rounds": 3}
     before = (run["out"] / "rounds" / "round-0002" / ADAPTER_FILE).read_bytes()
     result = fed.run_app(cfg)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert fed.last_run_status() == "finished:completed", result.stdout[-3000:] + result.stderr[-3000:]
     assert "resuming after round 2" in result.stdout + result.stderr
     h = history(run["out"])
     assert sorted(h) == [0, 1, 2, 3]
@@ -146,9 +144,17 @@ def test_round_that_cannot_aggregate_fails_the_run(fed, tiny_model, tmp_path):
     text = result.stdout + result.stderr
     assert "round 1 did not aggregate" in text, text[-3000:]
     assert not (tmp_path / "out" / "rounds" / "round-0001").exists()
-    runs = fed.flwr("ls", "--format", "json")
-    status = {r["run-id"]: r["status"] for r in json.loads(runs.stdout)["runs"]}
-    assert any(s.startswith("finished:failed") for s in status.values()), runs.stdout
+    assert fed.last_run_status() == "finished:failed"
+
+
+def test_plain_fedavg_run(fed, tiny_model, tmp_path):
+    """The comparison mode: plain FedAvg messages pass by the SecAgg+ machinery."""
+    result = fed.run_app(tiny_run_config(tiny_model, tmp_path, **{"aggregation": "fedavg", "num-server-rounds": 1,
+                                                                  "sample-every": 0}))
+    assert fed.last_run_status() == "finished:completed", result.stdout[-3000:]
+    h = history(tmp_path)
+    assert h[1]["aggregation"] == "fedavg" and h[1]["aggregated"] == list(ORGS)
+    assert h[1]["heldout_loss"] < h[0]["heldout_loss"]
 
 
 def test_node_without_the_federation_ca_is_refused(fed, tmp_path):
