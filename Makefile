@@ -41,7 +41,7 @@ DEMO_RUN_CONFIG ?= base-model="/models/tiny-sd" resolution=32 num-server-rounds=
 	learning-rate=1e-3 heldout-fraction=0.25 sample-steps=4 output-dir="/outputs/demo"
 
 .PHONY: help install test test-fast bench tiny-model demo-data clean-venv \
-	certs check-certs build outputs up up-gpu down run demo logs ps clean flwr-config
+	certs check-certs build outputs prometheus-image up up-gpu down run demo logs ps clean flwr-config
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -55,7 +55,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv with the app, Flower and the test tools
 
-test: install ## Run every test: unit tests and a real TLS federation with SecAgg+ (~10 min on 2 cores)
+test: install ## Run every test: unit, a real TLS federation with SecAgg+, the Compose stack on Docker (~15 min)
 	$(PY) -m pytest -v $(PYTEST_ARGS)
 
 test-fast: install ## Unit tests only (no federation)
@@ -90,6 +90,10 @@ build: ## Build the images (CPU; `make up-gpu` builds the CUDA ones)
 
 outputs:
 	mkdir -p "$(OUTPUTS_DIR)"
+
+prometheus-image: ## Build Prometheus from Debian's package where prom/prometheus cannot be pulled (then PROMETHEUS_IMAGE=fedlora/prometheus-debian:local)
+	docker build --network $${BUILD_NETWORK:-default} --build-arg BASE_IMAGE=$${BASE_IMAGE:-debian:bookworm-slim} \
+		-t fedlora/prometheus-debian:local docker/prometheus
 
 up: build check-certs outputs ## Start the federation on this host (CPU), wait until healthy, add the `remote-federation` connection
 	$(COMPOSE) up -d --wait

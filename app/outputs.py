@@ -8,6 +8,7 @@
     <output-dir>/rounds/round-0000/                the base model: metrics and samples
     <output-dir>/final/pytorch_lora_weights.safetensors   `pipe.load_lora_weights(<output-dir>/final)`
     <output-dir>/metrics.jsonl                     every round's metrics, one line each
+    <output-dir>/losses.png                        training and held-out loss by round
 
 A round directory appears by rename only when complete, so a crash never leaves a half round
 that a restart would resume from.
@@ -96,6 +97,9 @@ class OutputDir:
         tmp = self.root / "metrics.jsonl.partial"
         tmp.write_text("".join(line + "\n" for line in lines))
         tmp.replace(self.root / "metrics.jsonl")
+        plot = loss_plot([json.loads(line) for line in lines])
+        plot.save(self.root / "losses.partial.png")
+        (self.root / "losses.partial.png").replace(self.root / "losses.png")
 
     def history(self) -> list[dict[str, Any]]:
         path = self.root / "metrics.jsonl"
@@ -129,3 +133,49 @@ def read_adapter(directory: Path) -> dict[str, np.ndarray]:
     raw = load_file(directory / ADAPTER_FILE)
     peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in raw.items()})
     return {k: peft[k] for k in sorted(peft)}
+
+
+def loss_plot(history: list[dict[str, Any]], size: tuple[int, int] = (720, 420)):
+    """Training and held-out loss by round, for people who would rather look than read.
+
+    Drawn with PIL (already a dependency) rather than pulling a plotting library into every image.
+    """
+    from PIL import Image, ImageDraw
+
+    series = {"held-out": ([(m["round"], m["heldout_loss"]) for m in history if m.get("heldout_loss") is not None],
+                           (200, 60, 40)),
+              "train": ([(m["round"], m["train_loss"]) for m in history if m.get("train_loss") is not None],
+                        (40, 90, 200))}
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = 70, 30, size[0] - 20, size[1] - 40
+    draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
+    points = [p for pts, _ in series.values() for p in pts]
+    draw.text((left, 8), "loss by round", fill=(0, 0, 0))
+    if not points:
+        return img
+    x_max = max(1, max(x for x, _ in points))
+    y_min, y_max = min(y for _, y in points), max(y for _, y in points)
+    pad = (y_max - y_min) * 0.1 or abs(y_max) * 0.01 or 1.0
+    y_min, y_max = y_min - pad, y_max + pad
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return (left + (right - left) * x / x_max, bottom - (bottom - top) * (y - y_min) / (y_max - y_min))
+
+    for i in range(5):  # y ticks
+        y = y_min + (y_max - y_min) * i / 4
+        _, py = to_px(0, y)
+        draw.line((left - 4, py, left, py), fill=(0, 0, 0))
+        draw.text((5, py - 6), f"{y:.4g}", fill=(0, 0, 0))
+    for x in range(0, x_max + 1, max(1, x_max // 10)):  # round ticks
+        px, _ = to_px(x, y_min)
+        draw.line((px, bottom, px, bottom + 4), fill=(0, 0, 0))
+        draw.text((px - 4, bottom + 8), str(x), fill=(0, 0, 0))
+    for i, (name, (pts, color)) in enumerate(series.items()):
+        px = [to_px(x, y) for x, y in pts]
+        if len(px) > 1:
+            draw.line(px, fill=color, width=2)
+        for cx, cy in px:
+            draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=color)
+        draw.text((right - 110, top + 8 + 14 * i), f"-- {name}", fill=color)
+    return img

@@ -332,6 +332,7 @@ def generate(dir: Path, sans: list[str], days: int = 825, ca_days: int = 3650) -
     ca_key, ca_cert = _ensure_ca(dir, ca_days)
     _ensure_server(dir, ca_key, ca_cert, wanted, days)
     _ensure_superexec_secret(dir)
+    _ensure_grafana_env(dir)
     print(f"Give organisations {_show(dir / CA_CERT)} only; "
           f"{CA_KEY} and {SERVER_KEY} stay on this host.")
 
@@ -348,6 +349,19 @@ def _ensure_superexec_secret(dir: Path) -> None:
         return
     _write_atomic(path, secrets.token_hex(32).encode(), 0o600)
     print(f"secret  {_show(path)}: created")
+
+
+GRAFANA_ENV = "grafana.env"
+
+
+def _ensure_grafana_env(dir: Path) -> None:
+    """Grafana's admin password, as an env file that Compose reads on the host (user: admin)."""
+    path = dir / GRAFANA_ENV
+    if path.exists():
+        print(f"secret  {_show(path)}: kept")
+        return
+    _write_atomic(path, f"GF_SECURITY_ADMIN_PASSWORD={secrets.token_urlsafe(18)}\n".encode(), 0o600)
+    print(f"secret  {_show(path)}: created (Grafana's admin password)")
 
 
 def _ensure_ca(dir: Path, ca_days: int) -> tuple[PrivateKey, x509.Certificate]:
@@ -465,6 +479,9 @@ def check(dir: Path, sans: list[str], min_days: int = 1) -> list[str]:
     problems = [
         _missing_msg(dir, name) for name in (CA_CERT, SERVER_CERT, SERVER_KEY)
         if not (dir / name).exists()
+    ] + [
+        f"{_show(dir / name)} missing: {FIX} to create it"
+        for name in (SUPEREXEC_SECRET, GRAFANA_ENV) if not (dir / name).exists()
     ]
     if problems:
         return problems

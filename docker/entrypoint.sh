@@ -1,5 +1,6 @@
 #!/bin/sh
-# Run the command as an unprivileged user that can still read the federation's secrets.
+# Run the service as an unprivileged user that can still read the federation's secrets, with
+# its metrics exporter beside it when METRICS_PORT is set.
 #
 # Compose file secrets are bind mounts that keep the host's owner and mode (keys are 0600), so
 # the unprivileged user could not read them. As root, copy them to a tmpfs readable by that user
@@ -8,6 +9,7 @@ set -eu
 uid=${APP_UID:-10001}
 gid=${APP_GID:-$uid}
 [ "$uid" != 0 ] || { uid=10001; gid=10001; }  # never keep root, even if the host user is root
+as_user=""
 if [ "$(id -u)" = 0 ]; then
     if [ -d /run/secrets ]; then
         install -d -m 0700 -o "$uid" -g "$gid" /run/fedlora
@@ -18,6 +20,12 @@ if [ "$(id -u)" = 0 ]; then
     for d in ${WRITABLE_DIRS:-}; do
         [ -d "$d" ] && [ "$(stat -c %u "$d")" != "$uid" ] && chown "$uid:$gid" "$d"
     done
-    exec setpriv --reuid="$uid" --regid="$gid" --clear-groups --inh-caps=-all --bounding-set=-all -- "$@"
+    as_user="setpriv --reuid=$uid --regid=$gid --clear-groups --inh-caps=-all --bounding-set=-all --"
 fi
-exec "$@"
+if [ -n "${METRICS_PORT:-}" ]; then
+    # Lives as long as the service: the container ends when the service (PID 1 below) does.
+    # shellcheck disable=SC2086
+    $as_user python /usr/local/bin/metrics_exporter.py --port "$METRICS_PORT" ${METRICS_ARGS:-} &
+fi
+# shellcheck disable=SC2086
+exec $as_user "$@"

@@ -41,7 +41,10 @@ def made(tmp_path: Path) -> Path:
 
 
 def test_generate_creates_files_with_modes(made: Path) -> None:
-    assert sorted(p.name for p in made.iterdir()) == ["ca.key", "ca.pem", "server.key", "server.pem"]
+    assert sorted(p.name for p in made.iterdir()) == [
+        "ca.key", "ca.pem", "grafana.env", "server.key", "server.pem", "superexec.secret"]
+    for secret in ("ca.key", "server.key", "superexec.secret", "grafana.env"):
+        assert (made / secret).stat().st_mode & 0o777 == 0o600, secret
     assert mode(made / "ca.key") == 0o600
     assert mode(made / "server.key") == 0o600
     assert mode(made / "ca.pem") == 0o644
@@ -247,7 +250,8 @@ def test_check_ca_pem_missing_but_key_present(made: Path) -> None:
 def test_check_everything_missing(tmp_path: Path) -> None:
     problems = certs.check(tmp_path / "nope", [])
     assert [p.split(":")[0].rsplit("/", 1)[-1] for p in problems] == [
-        "ca.pem missing", "server.pem missing", "server.key missing"
+        "ca.pem missing", "server.pem missing", "server.key missing",
+        "superexec.secret missing", "grafana.env missing",
     ]
 
 

@@ -33,11 +33,15 @@ def compose_config(*files: str) -> dict:
 
 def test_cpu_stack_shape():
     services = compose_config("compose.yaml")["services"]
-    assert set(services) == {"superlink", "serverapp", *SILOS}
+    assert set(services) == {"superlink", "serverapp", *SILOS, "prometheus", "grafana"}
     for name, svc in services.items():
         assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
-        assert "ALL" in svc["cap_drop"] and svc["read_only"] is True
+        assert "ALL" in svc["cap_drop"] and "no-new-privileges:true" in svc["security_opt"], name
+        assert svc.get("read_only") is True or name == "grafana", name
         assert not svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+        # Only the SuperLink faces the network; metrics and UIs stay on this host.
+        for port in svc.get("ports", []):
+            assert name == "superlink" or port["host_ip"] == "127.0.0.1", (name, port)
     superlink = services["superlink"]
     assert any(a.startswith("--ssl-keyfile") for a in superlink["command"]) and "--insecure" not in superlink["command"]
     assert any(v["target"] == "/state" and v["type"] == "volume" for v in superlink["volumes"])
@@ -63,6 +67,8 @@ def test_gpu_overlay_gives_every_supernode_a_gpu_and_a_cuda_image():
     assert len({services[s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0] for s in SILOS}) == 3
     assert services["org-2"]["environment"]["ORG"] == "org-2"  # the overlay merges, it does not replace
     assert "deploy" not in services["superlink"] and "cuda" not in services["superlink"]["image"]
+    dcgm = services["dcgm-exporter"]  # GPU metrics; Prometheus finds it by this name
+    assert dcgm["deploy"]["resources"]["reservations"]["devices"][0]["count"] == -1 and not dcgm.get("ports")
 
 
 def test_dockerfile_passes_hadolint():

@@ -31,6 +31,8 @@ def test_resume_from_last_complete_round(tmp_path):
     assert rnd == 2
     assert np.array_equal(state["down.lora_A.weight"], STATE["down.lora_A.weight"] * 3)
     assert [m["round"] for m in out.history()] == [0, 1, 2]
+    from PIL import Image
+    assert Image.open(tmp_path / "losses.png").size == (720, 420)
 
 
 def test_rewriting_a_round_replaces_it_and_history(tmp_path):

@@ -10,10 +10,14 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
 import tempfile
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ from conftest import ORGS
 from federation import BIN, REPO, free_port, kv, offline_env
 
 pytestmark = pytest.mark.docker
+ROUNDS, STEPS = 2, 8
 
 
 def _docker_ready() -> bool:
@@ -43,6 +48,7 @@ def stack():
     write_demo_data(root / "data", orgs=len(ORGS), images_per_org=16)
     env = offline_env(
         COMPOSE_PROJECT_NAME="fedlora-e2e", SUPERLINK_PORT=str(free_port()), SUPERLINK_BIND="127.0.0.1",
+        PROMETHEUS_PORT=str(free_port()), COMPOSE_PROFILES="",  # Grafana cannot run here; its queries are checked
         DATA_DIR=str(root / "data"), MODELS_DIR=str(root / "models"), OUTPUTS_DIR=str(root / "outputs"),
         CERTS_DIR=str(root / "certs"), FLWR_HOME=str(root / "flwr-home"),
     )
@@ -53,7 +59,8 @@ def stack():
         for target in ("certs", "up"):
             result = subprocess.run(["make", target], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
             assert result.returncode == 0, f"make {target}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        yield {"root": root, "env": env, "port": int(env["SUPERLINK_PORT"])}
+        yield {"root": root, "env": env, "port": int(env["SUPERLINK_PORT"]),
+               "prometheus": f"http://127.0.0.1:{env['PROMETHEUS_PORT']}"}
     finally:
         logs = subprocess.run(["docker", "compose", "logs", "--no-color", "--tail=60"], cwd=REPO, env=env,
                               capture_output=True, text=True)
@@ -67,7 +74,7 @@ def stack():
 
 @pytest.fixture(scope="module")
 def run(stack):
-    config = {"base-model": "/models/tiny-sd", "resolution": 32, "num-server-rounds": 2, "local-steps": 8,
+    config = {"base-model": "/models/tiny-sd", "resolution": 32, "num-server-rounds": ROUNDS, "local-steps": STEPS,
               "learning-rate": 1e-3, "heldout-fraction": 0.25, "sample-steps": 2, "output-dir": "/outputs/e2e"}
     # The literal command a user types, from the repository root, with the connection `make up` wrote.
     result = subprocess.run([str(BIN / "flwr"), "run", ".", "remote-federation", "--stream", "--run-config", kv(config)],
@@ -78,6 +85,7 @@ def run(stack):
     status = subprocess.run(["python3", "docker/run_status.py", str(BIN / "flwr"), "remote-federation"], cwd=REPO,
                             env=stack["env"], capture_output=True, text=True)
     assert status.returncode == 0, status.stdout + status.stderr
+    time.sleep(12)  # two scrapes after the last write
     return stack["root"] / "outputs" / "e2e"
 
 
@@ -85,7 +93,8 @@ def test_every_service_is_healthy(stack):
     ps = subprocess.run(["docker", "compose", "ps", "--format", "json"], cwd=REPO, env=stack["env"],
                         capture_output=True, text=True, check=True).stdout
     services = [json.loads(line) for line in ps.splitlines() if line.strip()]
-    assert {s["Service"]: s["Health"] for s in services} == {n: "healthy" for n in ("superlink", "serverapp", *ORGS)}
+    assert {s["Service"]: s["Health"] for s in services} == {
+        n: "healthy" for n in ("superlink", "serverapp", *ORGS, "prometheus")}
 
 
 def test_run_completed_every_round_with_all_organisations(run):
@@ -124,3 +133,105 @@ def test_superlink_speaks_only_tls(stack):
     result = subprocess.run([str(BIN / "flwr"), "ls", "plain"], cwd=REPO, env=stack["env"] | {"FLWR_HOME": str(insecure)},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0, result.stdout
+
+
+# --- Monitoring: a real Prometheus scraped every node during the run ---------------------------
+
+def promql(stack, query: str, at: float | None = None) -> list[dict]:
+    params = {"query": query} | ({"time": str(at)} if at else {})
+    url = f"{stack['prometheus']}/api/v1/query?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def compose(stack, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", "compose", *args], cwd=REPO, env=stack["env"], capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+# Panels that show data only on GPU hosts or while something is wrong.
+NO_DATA_EXPECTED = ("DCGM_", "ALERTS{alertname=~\"Fedlora.*\"}", "accelerator_memory")
+
+
+def test_every_dashboard_query_has_data_for_every_organisation(stack, run):
+    from test_dashboards import dashboard_queries
+
+    checked = 0
+    for uid, title, expr in dashboard_queries():
+        if any(marker in expr for marker in NO_DATA_EXPECTED) and "or vector(0)" not in expr:
+            continue
+        # Grafana's interval variables: wide enough to cover the whole (short) run.
+        expr = expr.replace("$__rate_interval", "10m").replace("$__interval", "1m").replace("[5m]", "[10m]")
+        for org in ORGS if "$org" in expr else [None]:
+            result = promql(stack, expr.replace("$org", org or ""))
+            assert result, f"{uid} / {title}: no data for {org or 'the federation'}: {expr}"
+            if re.match(r"\w+ by \(org\)", expr):  # one series per organisation
+                assert {r["metric"].get("org") for r in result} >= set(ORGS), f"{uid} / {title}: {result}"
+            checked += 1
+    assert checked >= 40
+
+
+def test_every_alert_rule_evaluates_and_its_metrics_exist(stack, run):
+    from test_dashboards import alert_expressions
+
+    with urllib.request.urlopen(f"{stack['prometheus']}/api/v1/rules", timeout=30) as response:
+        rules = {r["name"]: r for g in json.load(response)["data"]["groups"] for r in g["rules"]}
+    for name, expr in alert_expressions():
+        assert rules[name]["health"] == "ok", rules[name]
+        for metric in set(re.findall(r"\bfedlora_\w+", expr)) - {"fedlora_"}:
+            if metric.endswith("_loss") or "(" in metric:
+                continue
+            assert promql(stack, metric), f"{name} uses {metric}, which has no series"
+    assert promql(stack, 'fedlora_certificate_expiry_seconds{cert="server"} > 800 * 86400')
+
+
+def test_counters_only_grow_across_the_runs_short_lived_processes(stack, run):
+    end = time.time()
+    for org in ORGS:
+        params = {"query": f'fedlora_train_steps_total{{org="{org}"}}', "start": str(end - 900), "end": str(end),
+                  "step": "2"}
+        with urllib.request.urlopen(f"{stack['prometheus']}/api/v1/query_range?{urllib.parse.urlencode(params)}",
+                                    timeout=30) as response:
+            series = json.load(response)["data"]["result"]
+        values = [float(v) for _, v in series[0]["values"]]
+        assert values == sorted(values), f"{org}: steps counter went down: {values}"
+        assert values[-1] == ROUNDS * STEPS, f"{org}: {values[-1]} steps counted, {ROUNDS * STEPS} trained"
+        assert len(set(values)) >= 2  # seen before and after at least one round's process
+
+
+def test_killed_node_shows_offline_then_back_with_its_counters(stack, run):
+    def node_up(org: str) -> bool:
+        return bool(promql(stack, f'fedlora_node_up{{org="{org}"}}'))
+
+    def wait_for(condition, what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(2)
+
+    steps = float(promql(stack, 'fedlora_train_steps_total{org="org-2"}')[0]["value"][1])
+    assert compose(stack, "kill", "org-2").returncode == 0
+    wait_for(lambda: not node_up("org-2"), "org-2 to show as down")
+    offline = promql(stack, "max by (org) (max_over_time(fedlora_node_up[1h])) unless max by (org) (fedlora_node_up == 1)")
+    assert [r["metric"]["org"] for r in offline] == ["org-2"]
+    wait_for(lambda: promql(stack, 'ALERTS{alertname="FedloraNodeOffline", org="org-2"}'), "the offline alert")
+    assert node_up("org-1") and node_up("org-3")
+
+    assert compose(stack, "start", "org-2").returncode == 0
+    wait_for(lambda: node_up("org-2"), "org-2 to be back")
+    # The node's metrics live on its volume: a restart does not reset its counters.
+    assert float(promql(stack, 'fedlora_train_steps_total{org="org-2"}')[0]["value"][1]) == steps
+
+
+def test_promtool_accepts_config_rules_and_every_endpoint(stack, run):
+    for check in (["check", "config", "/etc/prometheus/prometheus.yml"], ["check", "rules", "/etc/prometheus/alerts.yml"]):
+        result = compose(stack, "exec", "-T", "prometheus", "promtool", *check)
+        assert result.returncode == 0, result.stdout + result.stderr
+    scrape = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9200/metrics').read().decode())"
+    for service in ("superlink", "serverapp", *ORGS):
+        text = compose(stack, "exec", "-T", service, "python", "-c", scrape)
+        assert text.returncode == 0 and "fedlora_" in text.stdout, (service, text.stderr)
+        lint = compose(stack, "exec", "-T", "prometheus", "promtool", "check", "metrics", input=text.stdout)
+        assert lint.returncode == 0, (service, lint.stdout + lint.stderr)
