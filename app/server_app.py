@@ -110,7 +110,6 @@ class RoundStrategy(Strategy):
         self.fit = {
             "orgs": sorted(self.org_of[p.node_id] for p, _ in results),
             "num_examples": total,
-            "failures": len(failures),
             "update_norm": float(np.sqrt(sum(float(np.sum(u * u)) for u in update))),
             "metrics": {str(res.metrics["org"]): dict(res.metrics) | {"num_examples": res.num_examples}
                         for _, res in results},

@@ -77,7 +77,7 @@ class LocalFederation:
                 return
             except OSError:
                 if self.procs["superlink"].poll() is not None:
-                    raise RuntimeError(f"SuperLink exited:\n{self.log('superlink')}")
+                    raise RuntimeError(f"SuperLink exited:\n{self.log('superlink')}") from None
                 time.sleep(0.3)
         raise RuntimeError(f"SuperLink did not open port {self.port}:\n{self.log('superlink')}")
 

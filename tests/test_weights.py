@@ -30,10 +30,9 @@ def test_only_lora_tensors_in_sorted_order(cfg):
 
 
 def test_same_seed_same_initial_adapter_everywhere(cfg):
-    from app.model import LoraUNet, weights_fingerprint
+    from app.model import LoraUNet, lora_state, weights_fingerprint
 
     a, b = LoraUNet.load(cfg), LoraUNet.load(cfg)
-    from app.model import lora_state
     assert weights_fingerprint(list(lora_state(a.unet).values())) == weights_fingerprint(list(lora_state(b.unet).values()))
 
 
@@ -51,7 +50,6 @@ def test_round_trip_into_a_fresh_unet(cfg):
 
 def test_weights_that_do_not_land_are_an_error(cfg):
     """The public examples' bug: names with '.default' (from unet.state_dict()) match nothing."""
-    import torch
     from peft.utils import get_peft_model_state_dict
 
     from app.model import LoraUNet, load_lora
@@ -64,7 +62,6 @@ def test_weights_that_do_not_land_are_an_error(cfg):
         load_lora(net.unet, wrong_names, arrays)
     with pytest.raises(ValueError, match="run settings differ"):
         load_lora(net.unet, net.names, arrays[:-1])
-    del torch
 
 
 def test_adapter_file_round_trip_and_diffusers_load(cfg, tiny_model, tmp_path):
