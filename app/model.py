@@ -101,7 +101,9 @@ class LoraUNet:
     @classmethod
     def load(cls, cfg: RunConfig) -> LoraUNet:
         device, autocast = device_and_dtype(cfg.mixed_precision)
-        unet = _from_pretrained(UNet2DConditionModel, cfg.base_model, "unet")
+        # Frozen base weights in the low-precision dtype save memory; LoRA weights (below) stay
+        # fp32 so that Adam's small updates are not rounded away.
+        unet = _from_pretrained(UNet2DConditionModel, cfg.base_model, "unet", dtype=autocast or torch.float32)
         unet.requires_grad_(False)
         # Same seed everywhere, so every node (and the server) starts from the same adapter.
         torch.manual_seed(cfg.seed)
@@ -109,9 +111,7 @@ class LoraUNet:
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
             target_modules=list(cfg.lora_targets),
         ))
-        # Frozen base weights in the low-precision dtype save memory; LoRA weights stay fp32 so
-        # that Adam's small updates are not rounded away.
-        unet.to(device, dtype=autocast or torch.float32)
+        unet.to(device)
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
@@ -255,9 +255,9 @@ def _encode(cfg: RunConfig, examples: list[Example], data_dir: Path) -> dict:
 
     device, autocast = device_and_dtype(cfg.mixed_precision)
     dtype = autocast or torch.float32
-    vae = _from_pretrained(AutoencoderKL, cfg.base_model, "vae").to(device, dtype=dtype)
+    vae = _from_pretrained(AutoencoderKL, cfg.base_model, "vae", dtype=dtype).to(device)
     tokenizer = _from_pretrained(CLIPTokenizer, cfg.base_model, "tokenizer")
-    text_encoder = _from_pretrained(CLIPTextModel, cfg.base_model, "text_encoder").to(device, dtype=dtype)
+    text_encoder = _from_pretrained(CLIPTextModel, cfg.base_model, "text_encoder", dtype=dtype).to(device)
     names, latents, embeds, skipped = [], [], [], []
     t0 = time.perf_counter()
     for i, e in enumerate(examples):
@@ -293,7 +293,7 @@ class Sampler:
         try:
             self.pipe = StableDiffusionPipeline.from_pretrained(
                 cfg.base_model, unet=model.unet, safety_checker=None, requires_safety_checker=False,
-                torch_dtype=model.autocast or torch.float32,
+                dtype=model.autocast or torch.float32,
             ).to(model.device)
         except OSError as err:
             raise ModelNotAvailable(f"cannot load base model {cfg.base_model!r} to render samples ({err})") from None

@@ -47,7 +47,7 @@ def test_cpu_stack_shape():
     assert any(v["target"] == "/state" and v["type"] == "volume" for v in superlink["volumes"])
     for silo in SILOS:
         svc = services[silo]
-        assert svc["environment"]["ORG"] == silo
+        assert svc["environment"]["ORG"] == silo and svc["environment"]["OMP_NUM_THREADS"] == "1"
         data = next(v for v in svc["volumes"] if v["target"] == "/data")
         assert data["read_only"] is True and data["source"].endswith(f"data/{silo}")
         assert svc["depends_on"]["superlink"]["condition"] == "service_healthy"
