@@ -156,29 +156,31 @@ class Federation:
 
     # --- nodes -------------------------------------------------------------------------------
 
-    def _prepare_new_nodes(self) -> list[str]:
-        """Have unseen nodes encode their data; returns the errors of nodes that failed."""
+    def _prepare_new_nodes(self) -> dict[int, str]:
+        """Have unseen nodes encode their data; returns the errors of nodes that failed, by node."""
         ids = set(self.grid.get_node_ids())
         for gone in set(self.proxies) - ids:
             self.clients.unregister(self.proxies.pop(gone))
             self.counts.pop(gone, None)
         new = sorted(ids - set(self.proxies))
         if not new:
-            return []
+            return {}
         content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
         msgs = [Message(content=content, dst_node_id=nid, message_type=MessageTypeLegacy.GET_PROPERTIES,
                         group_id="prepare") for nid in new]
         t0 = time.perf_counter()
-        replies = list(self.grid.send_and_receive(msgs))
-        errors = []
+        # Bounded by the wait for nodes, not a stage's timeout: a node id that went stale (a
+        # restarted SuperNode gets a new one) never answers, and must not hold the run for long.
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.node_wait_timeout))
+        errors = {}
         for msg in replies:
             nid = msg.metadata.src_node_id
             if msg.has_error():
-                errors.append(f"node {nid}: {msg.error.reason}")
+                errors[nid] = f"node {nid}: {msg.error.reason}"
                 continue
             res = compat.recorddict_to_getpropertiesres(msg.content)
             if res.status.code != Code.OK:
-                errors.append(f"node {nid}: {res.status.message}")
+                errors[nid] = f"node {nid}: {res.status.message}"
                 continue
             props = res.properties
             proxy = GridClientProxy(node_id=nid, grid=self.grid, run_id=self.grid.run.run_id)
@@ -188,7 +190,7 @@ class Federation:
             self.strategy.org_of[nid] = str(props["org"])
             log(INFO, "node of %s ready: %s train / %s held-out images, %s unreadable skipped",
                 props["org"], props["num-train"], props["num-heldout"], props["skipped-images"])
-        for error in errors:
+        for error in errors.values():
             log(ERROR, "a node could not prepare its data: %s", error)
         log(INFO, "prepare: %d node(s) answered in %.1f s", len(replies), time.perf_counter() - t0)
         return errors
@@ -196,9 +198,9 @@ class Federation:
     def _participants(self, rnd: int) -> list[ClientProxy]:
         """This round's nodes: every prepared node online, once at least min-nodes are."""
         deadline = time.monotonic() + self.cfg.node_wait_timeout
-        errors: list[str] = []
+        errors: dict[int, str] = {}
         while True:
-            errors += self._prepare_new_nodes()
+            errors |= self._prepare_new_nodes()
             online = set(self.grid.get_node_ids())
             ready = [p for nid, p in sorted(self.proxies.items()) if nid in online]
             if len(ready) >= self.cfg.min_nodes:
@@ -208,7 +210,7 @@ class Federation:
                 raise RunFailed(
                     f"round {rnd}: {len(ready)} of min-nodes={self.cfg.min_nodes} nodes ready after "
                     f"{self.cfg.node_wait_timeout:.0f} s (ready: {orgs or 'none'})"
-                    + (f"; failed: {'; '.join(errors)}" if errors else "")
+                    + (f"; failed: {'; '.join(errors.values())}" if errors else "")
                     + ". Check that every SuperNode runs and reaches the SuperLink, or lower min-nodes."
                 )
             time.sleep(POLL_SECONDS)

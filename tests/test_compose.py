@@ -25,8 +25,11 @@ def compose_config(*files: str) -> dict:
             pytest.fail("docker compose is missing in CI: .ci/run provisions it with ../shared/ci/docker-engine.sh")
         pytest.skip("docker compose is not installed")
     args = [a for f in files for a in ("-f", f)]
+    # The shipped defaults: what .env says, not what this shell (e.g. CI's local images) overrides.
+    shipped = {line.split("=", 1)[0] for line in (REPO / ".env").read_text().splitlines() if "=" in line}
+    env = {k: v for k, v in os.environ.items() if k not in shipped} | {"HOST_UID": "1000", "HOST_GID": "1000"}
     result = subprocess.run(["docker", "compose", *args, "config", "--format", "json"], cwd=REPO,
-                            capture_output=True, text=True, env=os.environ | {"HOST_UID": "1000", "HOST_GID": "1000"})
+                            capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
