@@ -55,11 +55,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv with the app, Flower and the test tools
 
-test: install ## Run every test: unit, a real TLS federation with SecAgg+, the Compose stack on Docker (~15 min)
+test: install ## Run every test: unit, a real TLS federation with SecAgg+, the Compose stack on Docker (~25 min)
 	$(PY) -m pytest -v $(PYTEST_ARGS)
 
-test-fast: install ## Unit tests only (no federation)
-	$(PY) -m pytest -q -m "not federation" $(PYTEST_ARGS)
+test-fast: install ## Unit and static tests only (no federation, no Docker stack)
+	$(PY) -m pytest -q -m "not federation and not docker" $(PYTEST_ARGS)
 
 bench: install ## Round-time breakdown on this machine: SecAgg+ vs plain FedAvg, tiny model
 	$(PY) tests/benchmark_rounds.py
