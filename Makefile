@@ -112,7 +112,7 @@ run: $(FLWR_CLI) ## Start a training run: flwr run . remote-federation --stream 
 	$(FLWR_CLI) run . remote-federation --stream $(if $(RUN_CONFIG),--run-config '$(RUN_CONFIG)')
 	@python3 docker/run_status.py $(FLWR_CLI) remote-federation
 
-demo: certs build $(FLWR_CLI) ## Offline demo: tiny model, 3 demo organisations, a 2-round SecAgg+ run over TLS; leaves the stack up
+demo: certs build $(FLWR_CLI) ## Demo without a model hub: tiny model, 3 demo organisations, a 2-round SecAgg+ run over TLS; leaves the stack up
 	mkdir -p models data
 	$(TOOL) -w /src -v "$(CURDIR)/app:/src/app:ro" -v "$(CURDIR)/models:/models" -v "$(CURDIR)/data:/data" \
 		-e HF_HUB_OFFLINE=1 -e HF_HOME=/tmp $(IMAGE_PREFIX)/app:$(IMAGE_TAG) -c "from app.offline import write_tiny_model, write_demo_data; from pathlib import Path; \
