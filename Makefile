@@ -25,6 +25,14 @@ SANS ?=
 # Files the ServerApp writes on the host belong to you, not to root or a container uid.
 export HOST_UID ?= $(shell id -u)
 export HOST_GID ?= $(shell id -g)
+# Compose profiles, as in .env unless set in the environment. With "demo", three demo
+# organisations run on this host; `make certs` makes their node keys and `make up` registers them.
+COMPOSE_PROFILES ?= $(shell sed -n 's/^COMPOSE_PROFILES=//p' .env)
+export COMPOSE_PROFILES
+comma := ,
+space := $(subst ,, )
+DEMO_ORGS := $(if $(filter demo,$(subst $(comma),$(space),$(COMPOSE_PROFILES))),org-1 org-2 org-3)
+COORDINATOR_PROFILES := $(subst $(space),$(comma),$(filter-out demo,$(subst $(comma),$(space),$(COMPOSE_PROFILES))))
 # Where `flwr` keeps its connections; `make up` adds the `remote-federation` one there.
 FLWR_CONFIG = $(or $(FLWR_HOME),$(HOME)/.flwr)/config.toml
 RUN_CONFIG ?=
@@ -36,12 +44,14 @@ $(FLWR_CLI): pyproject.toml
 	$(PYTHON) -m venv .venv-cli
 	.venv-cli/bin/pip install -q "$$(grep -o '"flwr==[^"]*"' pyproject.toml | tr -d '"')"
 endif
+# docker/orgs.py runs with the flwr CLI's own Python: it uses Flower's Control API client.
+ORGS_TOOL = $$(sed -n '1s/^\#!//p' $(FLWR_CLI)) docker/orgs.py remote-federation
 # The offline demo: the tiny random model and synthetic data that `make demo` writes.
 DEMO_RUN_CONFIG ?= base-model="/models/tiny-sd" resolution=32 num-server-rounds=2 local-steps=20 \
 	learning-rate=1e-3 heldout-fraction=0.25 sample-steps=4 output-dir="/outputs/demo"
 
-.PHONY: help install test test-fast bench tiny-model demo-data clean-venv \
-	certs check-certs build outputs prometheus-image up up-gpu down run demo logs ps clean flwr-config
+.PHONY: help install test test-fast bench tiny-model demo-data clean-venv certs check-certs build outputs \
+	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -75,15 +85,18 @@ clean-venv: ## Delete .venv
 
 # --- The Compose stack ----------------------------------------------------------------------
 
-certs: ## Create/renew the CA, the SuperLink certificate and the SuperExec secret in certs/ (SANS="fl.example.org 203.0.113.7")
+certs: ## Create/renew the CA, the SuperLink certificate, the SuperExec secret (and the demo organisations' node keys) in certs/ (SANS="fl.example.org 203.0.113.7")
 	$(COMPOSE) build superlink
 	$(CERTS_TOOL) -v "$(abspath $(CERTS_DIR)):/certs" $(IMAGE_PREFIX)/superlink:$(IMAGE_TAG) \
 		/tool/certs.py generate --dir /certs
+	@for org in $(DEMO_ORGS); do $(MAKE) --no-print-directory org-key ORG=$$org >/dev/null || exit 1; done
 
 check-certs:
 	@$(CERTS_TOOL) -v "$(abspath $(CERTS_DIR)):/certs:ro" $(IMAGE_PREFIX)/superlink:$(IMAGE_TAG) \
 		/tool/certs.py check --dir /certs \
 		|| { echo "Refusing to start the stack: fix the certificates as said above." >&2; exit 1; }
+	@for org in $(DEMO_ORGS); do test -f "$(CERTS_DIR)/nodes/$$org.key" \
+		|| { echo "Refusing to start the demo: no node key for $$org in $(CERTS_DIR)/nodes; run \`make certs\`." >&2; exit 1; }; done
 
 build: ## Build the images (CPU; `make up-gpu` builds the CUDA ones)
 	$(COMPOSE) build superlink serverapp  # the silos run the serverapp's image
@@ -91,20 +104,28 @@ build: ## Build the images (CPU; `make up-gpu` builds the CUDA ones)
 outputs:
 	mkdir -p "$(OUTPUTS_DIR)"
 
-prometheus-image: ## Build Prometheus from Debian's package where prom/prometheus cannot be pulled (then PROMETHEUS_IMAGE=fedlora/prometheus-debian:local)
-	docker build --network $${BUILD_NETWORK:-default} --build-arg BASE_IMAGE=$${BASE_IMAGE:-debian:bookworm-slim} \
-		-t fedlora/prometheus-debian:local docker/prometheus
+local-images: ## Build nginx and Prometheus from Debian's packages where their images cannot be pulled (then GATEWAY_IMAGE=fedlora/gateway-debian:local PROMETHEUS_IMAGE=fedlora/prometheus-debian:local)
+	for part in gateway prometheus; do \
+		docker build --network $${BUILD_NETWORK:-default} --build-arg BASE_IMAGE=$${BASE_IMAGE:-debian:bookworm-slim} \
+			-t fedlora/$$part-debian:local docker/$$part || exit 1; done
 
-up: build check-certs outputs ## Start the federation on this host (CPU), wait until healthy, add the `remote-federation` connection
-	$(COMPOSE) up -d --wait
+# The coordinator first; then the demo organisations, whose keys must be registered before their
+# SuperNodes start (an unregistered node is refused and exits).
+define start_stack
+	COMPOSE_PROFILES="$(COORDINATOR_PROFILES)" $(1) up -d --wait
 	@$(MAKE) --no-print-directory flwr-config
+	@for org in $(DEMO_ORGS); do $(ORGS_TOOL) ensure $$org "$(CERTS_DIR)/nodes/$$org.pub" || exit 1; done
+	$(1) up -d --wait
+endef
 
-up-gpu: check-certs outputs ## Same on a GPU host: CUDA images, one GPU per SuperNode (NVIDIA Container Toolkit)
+up: build check-certs outputs $(FLWR_CLI) ## Start the federation on this host (CPU), wait until healthy, add the `remote-federation` connection
+	$(call start_stack,$(COMPOSE))
+
+up-gpu: check-certs outputs $(FLWR_CLI) ## Same on a GPU host: CUDA images, one GPU per SuperNode (NVIDIA Container Toolkit)
 	$(COMPOSE_GPU) build superlink serverapp
-	$(COMPOSE_GPU) up -d --wait
-	@$(MAKE) --no-print-directory flwr-config
+	$(call start_stack,$(COMPOSE_GPU))
 
-flwr-config: ## Point `flwr run . remote-federation` at this stack (in $FLWR_HOME, default ~/.flwr)
+flwr-config: ## Point `flwr run . remote-federation` at this stack's operator listener (in $FLWR_HOME, default ~/.flwr)
 	@port=$$($(COMPOSE) port superlink 8000 | sed 's/.*://'); \
 	python3 docker/flwr_connection.py "$(FLWR_CONFIG)" remote-federation "127.0.0.1:$$port" "$(abspath $(CERTS_DIR))/ca.pem"
 
@@ -126,6 +147,17 @@ demo: certs build $(FLWR_CLI) ## Demo without a model hub: tiny model, 3 demo or
 	echo "  metrics:        outputs/demo/metrics.jsonl"; \
 	echo "The stack is still up: \`make ps\`, \`make logs\`; \`make down\` stops it."
 
+register-org: $(FLWR_CLI) ## Let an organisation join: register its node key under its name (ORG=clinic-a KEY=clinic-a.pub)
+	@test -n "$(ORG)" -a -n "$(KEY)" || { echo "usage: make register-org ORG=clinic-a KEY=path/to/clinic-a.pub" >&2; exit 2; }
+	@$(ORGS_TOOL) register "$(ORG)" "$(KEY)"
+
+unregister-org: $(FLWR_CLI) ## Remove an organisation: its key can no longer join (ORG=clinic-a)
+	@test -n "$(ORG)" || { echo "usage: make unregister-org ORG=clinic-a" >&2; exit 2; }
+	@$(ORGS_TOOL) unregister "$(ORG)"
+
+orgs: $(FLWR_CLI) ## List the registered organisations and whether their node is connected
+	@$(ORGS_TOOL) list
+
 logs: ## Follow the stack's logs
 	$(COMPOSE) logs -f --tail=100
 
@@ -135,8 +167,8 @@ ps: ## Show the stack's services and their health
 down: ## Stop the stack; state, caches, certificates and outputs are kept
 	$(COMPOSE) down
 
-clean: ## Stop the stack, delete its volumes (SuperLink state, caches), outputs/ and the demo's model; keeps certs/ and data/
-	@echo "Deleting: the stack's volumes (SuperLink state, model and latent caches), ./outputs, ./models/tiny-sd."
-	@echo "Keeping: ./certs (the federation's CA) and ./data (organisations' images)."
+clean: ## Stop the stack, delete its volumes (SuperLink state and registrations, caches), outputs/ and the demo's model; keeps certs/ and data/
+	@echo "Deleting: the stack's volumes (SuperLink state with the organisations' registrations, model and latent caches), ./outputs, ./models/tiny-sd."
+	@echo "Keeping: ./certs (the federation's CA, node keys) and ./data (organisations' images)."
 	$(COMPOSE) down --volumes --remove-orphans
 	rm -rf outputs models/tiny-sd

@@ -4,7 +4,8 @@ Flower's DefaultWorkflow runs rounds 1..N blind: it cannot resume, it waits 24 h
 nodes, and a round SecAgg+ could not aggregate is only logged while the run ends "completed".
 So this loop drives Flower's own per-round workflows itself:
 
-    prepare   every node encodes its data once and reports its example count
+    prepare   every admitted node (app/admission.py: organisation from its key's registration)
+              encodes its data once and reports its example count
     round 0   the initial adapter (equal to the base model) and samples of it
     round r   fit (SecAgg+ or plain FedAvg): each node first measures the held-out loss of the
               adapter it received (round r-1's), then trains; the round must aggregate, or the
@@ -15,20 +16,17 @@ So this loop drives Flower's own per-round workflows itself:
 from __future__ import annotations
 
 import time
-from logging import ERROR, INFO, WARNING
+from logging import ERROR, INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message
-from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, GetPropertiesIns, ndarrays_to_parameters,
-                         parameters_to_ndarrays)
-from flwr.common.constant import MessageTypeLegacy
+from flwr.app import ConfigRecord, Context
+from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -37,19 +35,10 @@ from flwr.server.workflow.default_workflows import default_evaluate_workflow, de
 from flwr.serverapp import Grid, ServerApp
 
 from . import metrics
+from .admission import Admission, RunFailed
 from .config import RunConfig
 from .outputs import OutputDir
 from .secagg import QuantizationSettings
-
-# With fewer participants, each one can subtract its own update from the aggregate and read the
-# other's: secure aggregation then hides nothing from the participants themselves.
-SECAGG_MIN_PRIVATE = 3
-POLL_SECONDS = 1.0
-
-
-class RunFailed(RuntimeError):
-    """The run cannot produce a correct result; the message says why and what to check."""
-
 
 class TimeoutGrid:
     """The grid with a default reply timeout, so that no stage waits forever for a lost node."""
@@ -146,80 +135,12 @@ class Federation:
                                     strategy=self.strategy, client_manager=self.clients)
         self.round_cfg = ConfigRecord({Key.START_TIME: time.time(), Key.CURRENT_ROUND: 0})
         self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = self.round_cfg
-        self.proxies: dict[int, ClientProxy] = {}
-        self.counts: dict[int, int] = {}  # node id -> training examples, for prepared nodes
+        self.admission = Admission(self.grid, self.clients, cfg, self.strategy.org_of)
         self.secagg = SecAggPlusWorkflow(
             # Every participant holds a share of every other's key; any 2/3 of them can unmask
             # the sum when a node drops out mid-round.
             num_shares=1.0, reconstruction_threshold=0.67, timeout=cfg.round_timeout,
         ) if cfg.aggregation == "secagg+" else None
-
-    # --- nodes -------------------------------------------------------------------------------
-
-    def _prepare_new_nodes(self) -> dict[int, str]:
-        """Have unseen nodes encode their data; returns the errors of nodes that failed, by node."""
-        ids = set(self.grid.get_node_ids())
-        for gone in set(self.proxies) - ids:
-            self.clients.unregister(self.proxies.pop(gone))
-            self.counts.pop(gone, None)
-        new = sorted(ids - set(self.proxies))
-        if not new:
-            return {}
-        content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
-        msgs = [Message(content=content, dst_node_id=nid, message_type=MessageTypeLegacy.GET_PROPERTIES,
-                        group_id="prepare") for nid in new]
-        t0 = time.perf_counter()
-        # Bounded by the wait for nodes, not a stage's timeout: a node id that went stale (a
-        # restarted SuperNode gets a new one) never answers, and must not hold the run for long.
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.node_wait_timeout))
-        errors = {}
-        for msg in replies:
-            nid = msg.metadata.src_node_id
-            if msg.has_error():
-                errors[nid] = f"node {nid}: {msg.error.reason}"
-                continue
-            res = compat.recorddict_to_getpropertiesres(msg.content)
-            if res.status.code != Code.OK:
-                errors[nid] = f"node {nid}: {res.status.message}"
-                continue
-            props = res.properties
-            proxy = GridClientProxy(node_id=nid, grid=self.grid, run_id=self.grid.run.run_id)
-            self.proxies[nid] = proxy
-            self.clients.register(proxy)
-            self.counts[nid] = int(props["num-train"])
-            self.strategy.org_of[nid] = str(props["org"])
-            log(INFO, "node of %s ready: %s train / %s held-out images, %s unreadable skipped",
-                props["org"], props["num-train"], props["num-heldout"], props["skipped-images"])
-        for error in errors.values():
-            log(ERROR, "a node could not prepare its data: %s", error)
-        log(INFO, "prepare: %d node(s) answered in %.1f s", len(replies), time.perf_counter() - t0)
-        return errors
-
-    def _participants(self, rnd: int) -> list[ClientProxy]:
-        """This round's nodes: every prepared node online, once at least min-nodes are."""
-        deadline = time.monotonic() + self.cfg.node_wait_timeout
-        errors: dict[int, str] = {}
-        while True:
-            errors |= self._prepare_new_nodes()
-            online = set(self.grid.get_node_ids())
-            ready = [p for nid, p in sorted(self.proxies.items()) if nid in online]
-            if len(ready) >= self.cfg.min_nodes:
-                break
-            if time.monotonic() > deadline:
-                orgs = sorted(self.strategy.org_of[p.node_id] for p in ready)
-                raise RunFailed(
-                    f"round {rnd}: {len(ready)} of min-nodes={self.cfg.min_nodes} nodes ready after "
-                    f"{self.cfg.node_wait_timeout:.0f} s (ready: {orgs or 'none'})"
-                    + (f"; failed: {'; '.join(errors.values())}" if errors else "")
-                    + ". Check that every SuperNode runs and reaches the SuperLink, or lower min-nodes."
-                )
-            time.sleep(POLL_SECONDS)
-        if self.secagg and len(ready) < SECAGG_MIN_PRIVATE:
-            log(WARNING, "!" * 78)
-            log(WARNING, "round %d: only %d participants. With fewer than %d, secure aggregation hides "
-                "NOTHING: each one can recover the other's update from the average.", rnd, len(ready), SECAGG_MIN_PRIVATE)
-            log(WARNING, "!" * 78)
-        return ready
 
     # --- rounds ------------------------------------------------------------------------------
 
@@ -261,7 +182,7 @@ class Federation:
             t_round = time.perf_counter()
             self.round_cfg[Key.CURRENT_ROUND] = rnd
             metrics.server().round_current.set(rnd)
-            self.strategy.participants = self._participants(rnd)
+            self.strategy.participants = self.admission.participants(rnd)
             sent = model.weights_fingerprint(self.strategy.global_arrays)
             quant = self._configure_secagg()
             log(INFO, "[ROUND %d/%d] %s over %s", rnd, cfg.num_rounds, cfg.aggregation,
@@ -289,7 +210,7 @@ class Federation:
         if self.out.round_metrics(last).get("heldout_loss") is None:
             # No later fit measures the last adapter: one evaluate stage does.
             self.round_cfg[Key.CURRENT_ROUND] = last
-            self.strategy.participants = self._participants(last)
+            self.strategy.participants = self.admission.participants(last)
             t0 = time.perf_counter()
             default_evaluate_workflow(self.grid, self.legacy)
             if self.strategy.eval is None:
@@ -329,7 +250,7 @@ class Federation:
     def _configure_secagg(self) -> dict[str, float] | None:
         if not self.secagg:
             return None
-        counts = [self.counts[p.node_id] for p in self.strategy.participants]
+        counts = [self.admission.counts[p.node_id] for p in self.strategy.participants]
         q = QuantizationSettings.for_round(self.cfg.learning_rate, self.cfg.local_steps, counts)
         # The workflow reads these at the start of each round's setup stage.
         self.secagg.clipping_range = q.clipping_range

@@ -1,15 +1,20 @@
 """A node's long-lived Prometheus endpoint, beside Flower in the same container.
 
-    metrics_exporter.py --port 9200 [--org ORG] [--cert NAME=PATH ...]
+    metrics_exporter.py --port 9200 [--superlink HOST:PORT --ca CA.pem] [--cert NAME=PATH ...]
 
 Serves what the short-lived ClientApp/ServerApp processes wrote to $PROMETHEUS_MULTIPROC_DIR
 (see app/metrics.py), so a scrape between messages still sees the last values, plus:
-  fedlora_node_up{org}                      1 while this organisation's node runs (--org)
+  fedlora_node_up{org}                      1 while the organisation's SuperNode is connected to
+                                            the SuperLink, 0 while it is registered but not (--superlink)
   fedlora_certificate_expiry_seconds{cert}  seconds until each --cert expires, read at scrape time
+
+fedlora_node_up is the SuperLink's own view (heartbeats), asked at scrape time: it covers every
+registered organisation, on this host or its own, without opening any port at the organisation.
 """
 
 import argparse
 import datetime as dt
+import logging
 import os
 import signal
 from pathlib import Path
@@ -20,13 +25,35 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 
 class NodeCollector:
-    def __init__(self, org: str | None, certs: dict[str, Path]) -> None:
-        self.org, self.certs = org, certs
+    def __init__(self, superlink: str | None, ca: str | None, certs: dict[str, Path]) -> None:
+        self.superlink, self.ca, self.certs = superlink, ca, certs
+
+    def _registered_nodes(self):
+        from flwr.proto.control_pb2 import ListNodesRequest
+        from flwr.supercore.control import ControlHttpClient
+
+        client = ControlHttpClient.from_server_address(self.superlink, insecure=False, root_certificates=self.ca,
+                                                       interceptors=[])
+        try:
+            return client.ListNodes(ListNodesRequest()).nodes_info
+        finally:
+            client.close()
 
     def collect(self):
-        if self.org:
-            up = GaugeMetricFamily("fedlora_node_up", "1 while the organisation's node runs.", labels=["org"])
-            up.add_metric([self.org], 1)
+        if self.superlink:
+            up = GaugeMetricFamily("fedlora_node_up", "1 while the organisation's SuperNode is connected to the "
+                                   "SuperLink, 0 while registered but not connected.", labels=["org"])
+            try:
+                nodes = self._registered_nodes()
+            except Exception as err:  # no series rather than a failed scrape: the other metrics still count
+                logging.warning("cannot list the SuperLink's nodes: %s", err)
+                nodes = []
+            by_org: dict[str, int] = {}
+            for node in nodes:
+                if node.name and node.status != "unregistered":
+                    by_org[node.name] = max(by_org.get(node.name, 0), int(node.status == "online"))
+            for org, value in sorted(by_org.items()):
+                up.add_metric([org], value)
             yield up
         if self.certs:
             from cryptography import x509
@@ -43,7 +70,8 @@ class NodeCollector:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9200)
-    parser.add_argument("--org", default=os.environ.get("ORG"), help="organisation name, for fedlora_node_up")
+    parser.add_argument("--superlink", help="HOST:PORT of the SuperLink whose registered nodes to report")
+    parser.add_argument("--ca", help="CA certificate to verify --superlink with")
     parser.add_argument("--cert", action="append", default=[], metavar="NAME=PATH", help="certificate to watch")
     args = parser.parse_args()
 
@@ -53,7 +81,7 @@ def main() -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         MultiProcessCollector(registry, path=directory)
     certs = {name: Path(path) for name, path in (c.split("=", 1) for c in args.cert)}
-    registry.register(NodeCollector(args.org, certs))
+    registry.register(NodeCollector(args.superlink, args.ca, certs))
     start_http_server(args.port, registry=registry)
     signal.sigwait({signal.SIGINT, signal.SIGTERM})
 

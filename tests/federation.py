@@ -43,7 +43,24 @@ def offline_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def write_node_key(path: Path) -> Path:
+    """An organisation's node key pair, as `ssh-keygen -t ecdsa -b 384` makes it: PATH, PATH.pub."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+    path.with_suffix(".pub").write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return path
+
+
 class LocalFederation:
+    """SuperNode authentication is on, as in the Compose stack: every node has its own key,
+    registered under its organisation's name with docker/orgs.py (what `make register-org` runs)."""
+
     def __init__(self, workdir: Path, certs: Path, nodes: dict[str, dict], threads_per_node: int = 1) -> None:
         self.workdir, self.certs, self.nodes = workdir, certs, nodes
         # Several CPU nodes share this machine's cores: torch's default of one thread per core in
@@ -68,7 +85,7 @@ class LocalFederation:
             str(BIN / "flower-superlink"), "--port", str(self.port),
             "--ssl-ca-certfile", str(self.certs / "ca.pem"), "--ssl-certfile", str(self.certs / "server.pem"),
             "--ssl-keyfile", str(self.certs / "server.key"), "--database", str(self.workdir / "state.db"),
-            "--disable-runtime-dependency-installation",
+            "--disable-runtime-dependency-installation", "--enable-supernode-auth",
         ])
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -81,23 +98,44 @@ class LocalFederation:
                 time.sleep(0.3)
         raise RuntimeError(f"SuperLink did not open port {self.port}:\n{self.log('superlink')}")
 
-    def start_supernode(self, name: str, root_certificates: Path | None = None) -> subprocess.Popen:
+    def key(self, name: str) -> Path:
+        path = self.workdir / "keys" / f"{name}.key"
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            write_node_key(path)
+        return path
+
+    def orgs(self, *args: str) -> subprocess.CompletedProcess:
+        """docker/orgs.py on this federation's connection."""
+        return subprocess.run([sys.executable, str(REPO / "docker" / "orgs.py"), "local", *args], cwd=REPO,
+                              env=self.env | {"FLWR_HOME": str(self.flwr_home)}, capture_output=True, text=True,
+                              timeout=120)
+
+    def start_supernode(self, name: str, root_certificates: Path | None = None, key: Path | None = None,
+                        register_as: str | None = None, register: bool = True) -> subprocess.Popen:
+        """Node `name` with its own key (or `key`), first registered as its org (or `register_as`)."""
+        key = key or self.key(name)
+        if register:
+            org = register_as or self.nodes[name]["org"]
+            ensured = self.orgs("ensure", org, str(key.with_suffix(".pub")))
+            assert ensured.returncode == 0, ensured.stdout + ensured.stderr
         return self._spawn(name, [
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(root_certificates or self.certs / "ca.pem"),
+            "--auth-supernode-private-key", str(key),
             "--port", str(free_port()), "--node-config", kv(self.nodes[name]), "--max-retries", "3",
         ], env=self.node_env)
 
     def __enter__(self) -> LocalFederation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.start_superlink()
-        for name in self.nodes:
-            self.start_supernode(name)
         self.flwr_home.mkdir(exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{self.certs / "ca.pem"}"\ninsecure = false\n'
         )
+        for name in self.nodes:
+            self.start_supernode(name)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,6 +7,7 @@ that must fail, then nodes that must be refused.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from app.config import NodeConfig, RunConfig
 from app.outputs import ADAPTER_FILE, read_adapter
 from conftest import ORGS, load_certs_tool, tiny_run_config, with_defaults
-from federation import LocalFederation
+from federation import LocalFederation, write_node_key
 
 pytestmark = pytest.mark.federation
 
@@ -161,6 +162,70 @@ def test_node_without_the_federation_ca_is_refused(fed, tmp_path):
     other_ca = tmp_path / "other"
     load_certs_tool().generate(other_ca, [])
     fed.nodes["intruder"] = {"data-dir": "/nonexistent", "org": "intruder"}
-    proc = fed.start_supernode("intruder", root_certificates=other_ca / "ca.pem")
+    proc = fed.start_supernode("intruder", root_certificates=other_ca / "ca.pem", register=False)
     assert proc.wait(timeout=120) != 0
     assert "CERTIFICATE_VERIFY_FAILED" in fed.log("intruder") or "certificate verify failed" in fed.log("intruder")
+
+
+# --- Who may take part: registered organisations only, each under its registered name ---------
+
+def test_register_holds_one_key_per_name_and_one_name_per_key(fed, tmp_path):
+    key, other = write_node_key(tmp_path / "clinic.key"), write_node_key(tmp_path / "other.key")
+    assert fed.orgs("register", "clinic-x", str(key.with_suffix(".pub"))).returncode == 0
+    listing = fed.orgs("list").stdout
+    assert "clinic-x" in listing and all(f"{org} " in listing for org in ORGS), listing
+
+    same_name = fed.orgs("register", "clinic-x", str(other.with_suffix(".pub")))
+    assert same_name.returncode == 1 and "'clinic-x' is already registered" in same_name.stderr
+    same_key = fed.orgs("register", "clinic-y", str(key.with_suffix(".pub")))
+    assert same_key.returncode == 1 and "already registered as 'clinic-x'" in same_key.stderr
+    bad_name = fed.orgs("register", "Clinic Y", str(other.with_suffix(".pub")))
+    assert bad_name.returncode == 1 and "lowercase" in bad_name.stderr
+
+    assert fed.orgs("unregister", "clinic-x").returncode == 0
+    assert "clinic-x" not in fed.orgs("list").stdout
+
+
+def test_only_registered_organisations_take_part_under_their_registered_names(fed, tiny_model, demo_data, tmp_path):
+    def node(org: str) -> dict:
+        return {"data-dir": str(demo_data / org), "org": org, "cache-dir": str(tmp_path / f"cache-{org}")}
+
+    # A key nobody registered: the SuperLink refuses the node at once.
+    fed.nodes["stranger"] = node("org-1") | {"org": "stranger"}
+    stranger = fed.start_supernode("stranger", register=False)
+    # org-2's key on a second machine while org-2 is connected: refused too.
+    fed.nodes["clone"] = node("org-2")
+    clone = fed.start_supernode("clone", key=fed.key("org-2"), register=False)
+    assert stranger.wait(timeout=120) != 0 and clone.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in fed.log("stranger") + fed.log("clone")
+
+    # Registered as org-4 but configured as org-1; and a second key registered as org-3 with
+    # Flower's own CLI, bypassing docker/orgs.py's check: the ServerApp refuses all three.
+    fed.nodes["impostor"] = node("org-1")
+    impostor = fed.start_supernode("impostor", register_as="org-4")
+    twin_key = write_node_key(tmp_path / "twin.key")
+    registered = fed.flwr("supernode", "register", str(twin_key.with_suffix(".pub")), "local", "--name", "org-3")
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    fed.nodes["twin"] = node("org-3")
+    twin = fed.start_supernode("twin", key=twin_key, register=False)
+    try:
+        deadline = time.monotonic() + 60
+        while fed.orgs("list").stdout.count(" online ") < 5:
+            assert time.monotonic() < deadline, fed.orgs("list").stdout
+            time.sleep(1)
+        cfg = tiny_run_config(tiny_model, tmp_path / "out", **{"num-server-rounds": 1, "min-nodes": 2,
+                                                                "sample-every": 0})
+        result = fed.run_app(cfg)
+        log = result.stdout + result.stderr
+        assert fed.last_run_status() == "finished:completed", log[-3000:]
+        assert history(tmp_path / "out")[1]["aggregated"] == ["org-1", "org-2"]
+        assert "registered as 'org-4' but configured as 'org-1'" in log
+        assert log.count("2 connected nodes are registered as 'org-3'") == 2
+    finally:
+        for proc in (impostor, twin):
+            proc.terminate()
+            proc.wait(timeout=30)
+        fed.orgs("unregister", "org-4")
+        twin_id = next(line.split()[1] for line in fed.orgs("list").stdout.splitlines()
+                       if line.startswith("org-3 ") and "offline" in line)
+        fed.flwr("supernode", "unregister", twin_id, "local")

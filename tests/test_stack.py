@@ -1,8 +1,9 @@
 """The Compose stack end to end on a real Docker engine, as a user runs it.
 
 `make certs build up`, then the literal `flwr run . remote-federation` over TLS with SecAgg+ on
-the tiny model and three organisations; then what the user gets is checked and the stack torn
-down. Images build from $BASE_IMAGE (CI: the local Debian stand-in, see .ci/run).
+the tiny model and three organisations; then what the user gets is checked, a fourth
+organisation joins from its own Compose project through the join kit, and the stack is torn
+down. Images build from $BASE_IMAGE (CI: the local Debian stand-ins, see .ci/run).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from federation import BIN, REPO, free_port, kv, offline_env
 
 pytestmark = pytest.mark.docker
 ROUNDS, STEPS = 2, 8
+# How a container on another Docker network (the joining organisation) names this host.
+JOIN_HOST = "host.docker.internal"
 
 
 def _docker_ready() -> bool:
@@ -47,8 +50,10 @@ def stack():
     write_tiny_model(root / "models" / "tiny-sd")
     write_demo_data(root / "data", orgs=len(ORGS), images_per_org=16)
     env = offline_env(
-        COMPOSE_PROJECT_NAME="fedlora-e2e", SUPERLINK_PORT=str(free_port()), SUPERLINK_BIND="127.0.0.1",
-        PROMETHEUS_PORT=str(free_port()), COMPOSE_PROFILES="",  # Grafana cannot run here; its queries are checked
+        COMPOSE_PROJECT_NAME="fedlora-e2e", SUPERLINK_PORT=str(free_port()), CONTROL_PORT=str(free_port()),
+        # The joining organisation's containers reach the gateway through this host, as from afar.
+        SUPERLINK_BIND="0.0.0.0", SANS=JOIN_HOST,
+        PROMETHEUS_PORT=str(free_port()), COMPOSE_PROFILES="demo",  # Grafana cannot run here; its queries are checked
         DATA_DIR=str(root / "data"), MODELS_DIR=str(root / "models"), OUTPUTS_DIR=str(root / "outputs"),
         CERTS_DIR=str(root / "certs"), FLWR_HOME=str(root / "flwr-home"),
     )
@@ -59,7 +64,7 @@ def stack():
         for target in ("certs", "up"):
             result = subprocess.run(["make", target], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
             assert result.returncode == 0, f"make {target}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        yield {"root": root, "env": env, "port": int(env["SUPERLINK_PORT"]),
+        yield {"root": root, "env": env, "port": int(env["SUPERLINK_PORT"]), "control": int(env["CONTROL_PORT"]),
                "prometheus": f"http://127.0.0.1:{env['PROMETHEUS_PORT']}"}
     finally:
         logs = subprocess.run(["docker", "compose", "logs", "--no-color", "--tail=60"], cwd=REPO, env=env,
@@ -94,7 +99,7 @@ def test_every_service_is_healthy(stack):
                         capture_output=True, text=True, check=True).stdout
     services = [json.loads(line) for line in ps.splitlines() if line.strip()]
     assert {s["Service"]: s["Health"] for s in services} == {
-        n: "healthy" for n in ("superlink", "serverapp", *ORGS, "prometheus")}
+        n: "healthy" for n in ("superlink", "gateway", "serverapp", *ORGS, "prometheus")}
 
 
 def test_run_completed_every_round_with_all_organisations(run):
@@ -117,22 +122,90 @@ def test_outputs_hold_a_final_adapter_that_loads_in_diffusers(run, tiny_model):
     assert np.abs(pipe(**prompt, generator=torch.Generator().manual_seed(0)).images[0] - base).max() > 1e-3
 
 
-def test_superlink_speaks_only_tls(stack):
+def https(stack, port: int, method: str, path: str) -> tuple[int, str]:
     ca = ssl.create_default_context(cafile=str(stack["root"] / "certs" / "ca.pem"))
-    conn = http.client.HTTPSConnection("localhost", stack["port"], context=ca, timeout=10)
-    conn.request("GET", "/health")
-    assert conn.getresponse().status == 200  # the same request over TLS is served
-    plain = http.client.HTTPConnection("127.0.0.1", stack["port"], timeout=10)
-    with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
-        plain.request("GET", "/health")
-        response = plain.getresponse()
-        pytest.fail(f"plaintext request answered with HTTP {response.status}")
+    conn = http.client.HTTPSConnection("localhost", port, context=ca, timeout=10)
+    conn.request(method, path, body=b"" if method == "POST" else None,
+                 headers={"content-type": "application/protobuf"} if method == "POST" else {})
+    response = conn.getresponse()
+    return response.status, response.read().decode(errors="replace")
+
+
+# What only the operator may do, and Flower's API docs that map it out.
+CLOSED = [("POST", "/v1/control/list-runs"), ("POST", "/v1/control/start-run"), ("POST", "/v1/control/register-node"),
+          ("POST", "/v1/runtime/get-nodes"), ("GET", "/docs"), ("GET", "/openapi.json")]
+
+
+def test_public_listener_serves_the_fleet_api_and_refuses_control_and_runtime(stack):
+    assert https(stack, stack["port"], "GET", "/health")[0] == 200
+    # A Fleet call without a registered node's signature reaches Flower, which refuses it itself.
+    assert https(stack, stack["port"], "POST", "/v1/fleet/get-run")[0] not in (403, 404)
+    for method, path in CLOSED:
+        status, body = https(stack, stack["port"], method, path)
+        assert status == 403 and "coordinator's operator" in body, (path, status, body)
+    # The operator's listener, on this host's loopback, is the SuperLink itself.
+    assert https(stack, stack["control"], "POST", "/v1/control/list-runs")[0] == 200
+
+
+def test_an_organisations_container_reaches_the_fleet_api_only(stack):
+    probe = """
+import http.client, socket, ssl, sys
+ca = ssl.create_default_context(cafile="/run/fedlora/ca.pem")
+def status(method, path):
+    conn = http.client.HTTPSConnection("gateway", 8443, context=ca, timeout=10)
+    conn.request(method, path, body=b"" if method == "POST" else None)
+    return conn.getresponse().status
+print("health", status("GET", "/health"))
+for method, path in %r:
+    print(path, status(method, path))
+try:
+    socket.create_connection(("superlink", 8000), timeout=5)
+    print("superlink reachable")
+except OSError as err:
+    print("superlink unreachable:", err)
+""" % (CLOSED,)
+    result = compose(stack, "exec", "-T", "org-1", "python", "-c", probe)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "health 200"
+    assert lines[1:-1] == [f"{path} 403" for _, path in CLOSED]
+    assert lines[-1].startswith("superlink unreachable"), lines[-1]
+
+
+def test_superlink_speaks_only_tls(stack):
+    for port in (stack["port"], stack["control"]):
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+            plain.request("GET", "/health")
+            response = plain.getresponse()
+            pytest.fail(f"plaintext request on port {port} answered with HTTP {response.status}")
     insecure = Path(stack["env"]["FLWR_HOME"]) / "insecure"
     insecure.mkdir(exist_ok=True)
-    (insecure / "config.toml").write_text(f'[superlink.plain]\naddress = "127.0.0.1:{stack["port"]}"\ninsecure = true\n')
+    (insecure / "config.toml").write_text(f'[superlink.plain]\naddress = "127.0.0.1:{stack["control"]}"\ninsecure = true\n')
     result = subprocess.run([str(BIN / "flwr"), "ls", "plain"], cwd=REPO, env=stack["env"] | {"FLWR_HOME": str(insecure)},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0, result.stdout
+
+
+def flwr(stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=stack["env"], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_operator_lists_reads_and_stops_runs_through_the_documented_connection(stack, run):
+    runs = json.loads(flwr(stack, "ls", "remote-federation", "--format", "json").stdout)["runs"]
+    done = next(r for r in runs if r["status"] == "finished:completed")
+    log = flwr(stack, "log", str(done["run-id"]), "remote-federation", "--show")
+    assert "final adapter" in log.stdout + log.stderr, log.stdout[-2000:] + log.stderr[-2000:]
+
+    started = flwr(stack, "run", ".", "remote-federation", "--format", "json", "--run-config",
+                   kv({"base-model": "/models/tiny-sd", "resolution": 32, "output-dir": "/outputs/stopped"}))
+    run_id = str(json.loads(started.stdout)["run-id"])
+    stopped = flwr(stack, "stop", run_id, "remote-federation")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    status = {str(r["run-id"]): r["status"] for r in
+              json.loads(flwr(stack, "ls", "remote-federation", "--format", "json").stdout)["runs"]}
+    assert status[run_id] == "finished:stopped"
 
 
 # --- Monitoring: a real Prometheus scraped every node during the run ---------------------------
