@@ -289,7 +289,7 @@ def check_registration(s: Settings, key, after_exit_305: bool = False) -> Result
                     NodeAuthHttpInterceptor(key, key.public_key())]
     try:
         # No retry invoker: Flower's would SIGINT this process on HTTP 401.
-        with FleetHttpClient.from_server_address(s.address, False, str(s.ca), interceptors=interceptors) as client:
+        with FleetHttpClient.from_server_address(s.address, False, s.ca.read_bytes(), interceptors=interceptors) as client:
             client.ActivateNode(request)
     except SystemExit as err:  # flwr_exit() on a runtime version the SuperLink refuses
         return Result("FAILED", "registration", f"the SuperLink refuses this Flower version ({err}): build the "
