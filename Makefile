@@ -172,3 +172,46 @@ clean: ## Stop the stack, delete its volumes (SuperLink state and registrations,
 	@echo "Keeping: ./certs (the federation's CA, node keys) and ./data (organisations' images)."
 	$(COMPOSE) down --volumes --remove-orphans
 	rm -rf outputs models/tiny-sd
+
+# --- An organisation joining from its own host ----------------------------------------------
+# One SuperNode for one organisation (docker/join/README.md). Settings: docker/join/.env
+# (defaults), docker/join/org.env (yours, git-ignored), then the shell or `make ... VAR=value`.
+
+.PHONY: org-key join-check join join-gpu join-down join-logs
+
+ORG ?= $(shell sed -n 's/^ORG=//p' docker/join/org.env 2>/dev/null)
+JOIN_ORG_ENV := $(wildcard docker/join/org.env)
+# Image names as the coordinator's stack builds them (.env); join settings from docker/join/.
+COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) $(COMPOSE) --env-file docker/join/.env \
+	$(if $(JOIN_ORG_ENV),--env-file $(JOIN_ORG_ENV)) -f docker/join/compose.yaml
+COMPOSE_JOIN_GPU = $(COMPOSE_JOIN) -f docker/join/compose.gpu.yaml
+define check_org
+	@[[ "$(ORG)" =~ ^[a-z0-9-]{1,40}$$ ]] || { echo "ORG='$(ORG)' is not a valid organisation name: give ORG=clinic-a" \
+		"(1-40 lowercase letters, digits or '-'), the name the coordinator registers you under." >&2; exit 1; }
+endef
+
+org-key: ## Create this organisation's node key pair certs/nodes/ORG.key (0600) and .pub, if missing (ORG=clinic-a)
+	$(check_org)
+	mkdir -p "$(CERTS_DIR)/nodes"
+	$(COMPOSE) build superlink
+	@$(TOOL) -v "$(CURDIR)/certs/node_key.py:/tool/node_key.py:ro" -v "$(abspath $(CERTS_DIR))/nodes:/keys" \
+		$(IMAGE_PREFIX)/superlink:$(IMAGE_TAG) /tool/node_key.py create --dir /keys --org "$(ORG)" \
+		--shown-dir "$(CERTS_DIR:./%=%)/nodes"
+
+join-check: ## Check everything this organisation's node needs, in its own container (docker/join/org.env)
+	$(COMPOSE_JOIN) build node
+	$(COMPOSE_JOIN) run --rm preflight
+
+join: join-check ## Join the federation: preflight, then start this organisation's SuperNode and wait until healthy
+	$(COMPOSE_JOIN) up -d --wait node
+
+join-gpu: ## Same on a GPU host: the CUDA image and NODE_GPU (NVIDIA Container Toolkit)
+	$(COMPOSE_JOIN_GPU) build node
+	$(COMPOSE_JOIN_GPU) run --rm preflight
+	$(COMPOSE_JOIN_GPU) up -d --wait node
+
+join-down: ## Stop this organisation's SuperNode (it leaves the federation at once); its cache is kept
+	$(COMPOSE_JOIN) down
+
+join-logs: ## Follow this organisation's SuperNode's logs
+	$(COMPOSE_JOIN) logs -f --tail=100 node
