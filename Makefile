@@ -182,7 +182,7 @@ clean: ## Stop the stack, delete its volumes (SuperLink state and registrations,
 ORG ?= $(shell sed -n 's/^ORG=//p' docker/join/org.env 2>/dev/null)
 JOIN_ORG_ENV := $(wildcard docker/join/org.env)
 # Image names as the coordinator's stack builds them (.env); join settings from docker/join/.
-COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) $(COMPOSE) --env-file docker/join/.env \
+COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) $(COMPOSE) -p fedlora-$(ORG) --env-file docker/join/.env \
 	$(if $(JOIN_ORG_ENV),--env-file $(JOIN_ORG_ENV)) -f docker/join/compose.yaml
 COMPOSE_JOIN_GPU = $(COMPOSE_JOIN) -f docker/join/compose.gpu.yaml
 define check_org

@@ -37,9 +37,9 @@ SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 
 CA_CN = "Flower federation CA"
 SERVER_CN = "superlink"
-# The compose service name is what SuperNodes on the compose network dial; the
-# SuperLink also dials itself over loopback, by name and by address.
-DEFAULT_SANS = ("superlink", "localhost", "127.0.0.1")
+# The demo's SuperNodes dial the gateway by its compose service name, the gateway dials the
+# SuperLink by its own, and the SuperLink dials itself over loopback, by name and by address.
+DEFAULT_SANS = ("superlink", "gateway", "localhost", "127.0.0.1")
 SANS_ENV = "SUPERLINK_SANS"
 
 RENEW_BEFORE_DAYS = 30

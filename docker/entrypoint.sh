@@ -17,6 +17,9 @@ if [ "$(id -u)" = 0 ]; then
             [ -f "$f" ] && install -m 0400 -o "$uid" -g "$gid" "$f" "/run/fedlora/$(basename "$f")"
         done
     fi
+    # The container's stdout/stderr pipes are root's, mode 0600: a service that opens them by path
+    # (nginx's access log, /dev/stdout) could not once it is unprivileged.
+    chown "$uid:$gid" /proc/self/fd/1 /proc/self/fd/2 2>/dev/null || true
     for d in ${WRITABLE_DIRS:-}; do
         [ -d "$d" ] && [ "$(stat -c %u "$d")" != "$uid" ] && chown "$uid:$gid" "$d"
     done

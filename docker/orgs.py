@@ -15,6 +15,8 @@ never two names.
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import re
 import sys
 from pathlib import Path
@@ -32,6 +34,12 @@ ORG_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
 class OrgError(Exception):
     """Refused; the message says why and what to do."""
+
+
+def fingerprint(key_file: Path) -> str:
+    """As `ssh-keygen -lf` prints it, for the organisation to confirm over another channel."""
+    blob = base64.b64decode(key_file.read_text().split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def check_name(org: str) -> str:
@@ -105,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{n.name or '(no name: not usable)':<24} {n.node_id:<22} {n.status:<12} {since}")
         elif args.command == "register":
             node_id = register.register(args.org, args.key)
-            print(f"registered '{args.org}' (node {node_id}). Its SuperNode can now join with the matching private "
-                  f"key and --node-config org='{args.org}'.")
+            print(f"registered '{args.org}' (node {node_id}), key {fingerprint(args.key)}: check this fingerprint with "
+                  f"the organisation. Its SuperNode can now join with the matching private key and ORG={args.org}.")
         elif args.command == "ensure":
             print(f"'{args.org}' registered (node {register.ensure(args.org, args.key)})")
         else:

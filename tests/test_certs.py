@@ -61,7 +61,7 @@ def test_generate_certificate_contents(tmp_path: Path) -> None:
     assert usage.key_cert_sign and usage.crl_sign
 
     assert server.subject.rfc4514_string() == "CN=superlink"
-    assert certs.cert_sans(server) == ["superlink", "localhost", "127.0.0.1", "fl.example.org", "203.0.113.7"]
+    assert certs.cert_sans(server) == ["superlink", "gateway", "localhost", "127.0.0.1", "fl.example.org", "203.0.113.7"]
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "203.0.113.7"]
     eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value

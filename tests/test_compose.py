@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from federation import REPO
 SILOS = ("org-1", "org-2", "org-3")
 
 
-def compose_config(*files: str) -> dict:
+def run_compose_config(*files: str, certs: Path | None) -> subprocess.CompletedProcess:
     if shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode:
         if os.environ.get("CI"):
             pytest.fail("docker compose is missing in CI: .ci/run provisions it with ../shared/ci/docker-engine.sh")
@@ -28,35 +29,65 @@ def compose_config(*files: str) -> dict:
     # The shipped defaults: what .env says, not what this shell (e.g. CI's local images) overrides.
     shipped = {line.split("=", 1)[0] for line in (REPO / ".env").read_text().splitlines() if "=" in line}
     env = {k: v for k, v in os.environ.items() if k not in shipped} | {"HOST_UID": "1000", "HOST_GID": "1000"}
-    result = subprocess.run(["docker", "compose", *args, "config", "--format", "json"], cwd=REPO,
-                            capture_output=True, text=True, env=env)
+    return subprocess.run(["docker", "compose", *args, "config", "--format", "json"], cwd=REPO,
+                          capture_output=True, text=True, env=env | ({"CERTS_DIR": str(certs)} if certs else {}))
+
+
+def compose_config(*files: str) -> dict:
+    """The merged configuration, as after `make certs` (Compose reads Grafana's password file)."""
+    with tempfile.TemporaryDirectory() as certs:
+        (Path(certs) / "grafana.env").write_text("GF_SECURITY_ADMIN_PASSWORD=test\n")
+        result = run_compose_config(*files, certs=Path(certs))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
+FEDERATION = ("superlink", "gateway", "serverapp", *SILOS)
+
+
 def test_cpu_stack_shape():
     services = compose_config("compose.yaml")["services"]
-    assert set(services) == {"superlink", "serverapp", *SILOS, "prometheus", "grafana"}
+    assert set(services) == {*FEDERATION, "prometheus", "grafana"}
     for name, svc in services.items():
         assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
         assert "ALL" in svc["cap_drop"] and "no-new-privileges:true" in svc["security_opt"], name
         assert svc.get("read_only") is True or name == "grafana", name
         assert not svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
-        # Only the SuperLink faces the network; metrics and UIs stay on this host.
+        # Only the gateway faces the network; the Control API, metrics and UIs stay on this host.
         for port in svc.get("ports", []):
-            assert name == "superlink" or port["host_ip"] == "127.0.0.1", (name, port)
+            assert name == "gateway" or port["host_ip"] == "127.0.0.1", (name, port)
+    for name in FEDERATION:
+        assert services[name]["mem_limit"] and services[name]["pids_limit"] > 0, name
     superlink = services["superlink"]
     assert any(a.startswith("--ssl-keyfile") for a in superlink["command"]) and "--insecure" not in superlink["command"]
+    assert "--enable-supernode-auth" in superlink["command"]
     assert any(v["target"] == "/state" and v["type"] == "volume" for v in superlink["volumes"])
+    assert [p["target"] for p in services["gateway"]["ports"]] == [8443]
+    # The SuperLink (with its open Control API) shares no network with any organisation's node.
+    assert set(superlink["networks"]) == {"coordinator"} and set(services["gateway"]["networks"]) == {"coordinator", "fleet"}
     for silo in SILOS:
         svc = services[silo]
+        assert set(svc["networks"]) == {"fleet"}
         assert svc["environment"]["ORG"] == silo and svc["environment"]["OMP_NUM_THREADS"] == "1"
+        assert svc["environment"]["SUPERLINK_ADDRESS"] == "gateway:8443" and svc["command"] == ["supernode.sh"]
+        assert svc["profiles"] == ["demo"]
         data = next(v for v in svc["volumes"] if v["target"] == "/data")
         assert data["read_only"] is True and data["source"].endswith(f"data/{silo}")
-        assert svc["depends_on"]["superlink"]["condition"] == "service_healthy"
-        assert "--insecure" not in " ".join(svc["command"])
+        key = next(x for x in svc["secrets"] if x["target"] == "node.key")
+        assert compose_secret_file(key["source"]).endswith(f"nodes/{silo}.key")
+        assert svc["depends_on"]["gateway"]["condition"] == "service_healthy"
     outputs = next(v for v in services["serverapp"]["volumes"] if v["target"] == "/outputs")
     assert outputs["type"] == "bind" and outputs["source"].endswith("outputs")
+
+
+def compose_secret_file(name: str) -> str:
+    return compose_config("compose.yaml")["secrets"][name]["file"]
+
+
+def test_grafana_refuses_to_start_without_its_password(tmp_path):
+    # Without certs/grafana.env Grafana would start with admin/admin on the first request.
+    result = run_compose_config("compose.yaml", certs=tmp_path)
+    assert result.returncode != 0 and "grafana.env" in result.stderr
 
 
 def test_gpu_overlay_gives_every_supernode_a_gpu_and_a_cuda_image():

@@ -308,3 +308,46 @@ def test_promtool_accepts_config_rules_and_every_endpoint(stack, run):
         assert text.returncode == 0 and "fedlora_" in text.stdout, (service, text.stderr)
         lint = compose(stack, "exec", "-T", "prometheus", "promtool", "check", "metrics", input=text.stdout)
         assert lint.returncode == 0, (service, lint.stdout + lint.stderr)
+
+
+# --- A fourth organisation joins from its own Compose project, by the documented steps ---------
+
+def test_an_organisation_joins_from_its_own_host_through_the_join_kit(stack, run):
+    root, org = stack["root"], "org-4"
+    write_demo_data(root / "data", orgs=4, images_per_org=16)  # org-4's images, on "its" host
+    # Its own Compose project and network; it reaches the coordinator through this host's
+    # published gateway port, as it would over the Internet.
+    env = stack["env"] | {"ORG": org, "SUPERLINK_ADDRESS": f"{JOIN_HOST}:{stack['port']}",
+                          "ORG_DATA_DIR": str(root / "data" / org), "FEDERATION_CA": str(root / "certs" / "ca.pem"),
+                          "NODE_KEYS_DIR": str(root / "certs" / "nodes")}
+    env.pop("COMPOSE_PROJECT_NAME")
+
+    def make(*args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(["make", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        print(result.stdout[-3000:], result.stderr[-3000:])
+        return result
+
+    # 1. The organisation makes its key; 2. the coordinator registers it; 3. preflight; 4. join.
+    assert make("org-key", f"ORG={org}").returncode == 0
+    unregistered = make("join-check")
+    assert unregistered.returncode != 0 and "make register-org ORG=org-4" in unregistered.stdout + unregistered.stderr
+    assert make("register-org", f"ORG={org}", f"KEY={root / 'certs' / 'nodes' / f'{org}.pub'}").returncode == 0
+    try:
+        assert make("join").returncode == 0
+        assert promql(stack, f'fedlora_node_up{{org="{org}"}} == 1')
+
+        config = {"base-model": "/models/tiny-sd", "resolution": 32, "num-server-rounds": 1, "local-steps": 2,
+                  "min-nodes": 4, "sample-every": 0, "output-dir": "/outputs/four"}
+        result = flwr(stack, "run", ".", "remote-federation", "--stream", "--run-config", kv(config), timeout=900)
+        assert "finished:completed" in subprocess.run(
+            ["python3", "docker/run_status.py", str(BIN / "flwr"), "remote-federation"], cwd=REPO, env=stack["env"],
+            capture_output=True, text=True).stdout, result.stdout[-4000:]
+        rounds = [json.loads(line) for line in (root / "outputs" / "four" / "metrics.jsonl").read_text().splitlines()]
+        assert rounds[1]["aggregation"] == "secagg+" and rounds[1]["aggregated"] == [*ORGS, org]
+    finally:
+        assert make("join-down").returncode == 0
+    # Leaving deactivates the node at once: the coordinator's view follows within a scrape.
+    deadline = time.monotonic() + 60
+    while not promql(stack, f'fedlora_node_up{{org="{org}"}} == 0'):
+        assert time.monotonic() < deadline, promql(stack, f'fedlora_node_up{{org="{org}"}}')
+        time.sleep(2)
