@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
+from flwr.common.logger import log
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -87,18 +89,36 @@ def _from_metadata(data_dir: Path, meta: Path) -> list[Example]:
 
 
 def split(examples: list[Example], heldout_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Deterministic train/held-out split by a hash of each file name.
+    """Deterministic train/held-out split: an image is held out when its own hash says so.
 
-    Hashing (not shuffling) keeps an image on the same side when others are added or removed.
+    Each image's (seed, name) hash, read as a fraction in [0, 1), is compared with
+    `heldout_fraction`, so an image's side never depends on which other images exist: adding or
+    removing images never moves a trained-on image into the held-out set (which would make the
+    held-out loss a lie). The share held out is therefore close to, not exactly, the fraction.
+
+    Only when the rule leaves a side empty (a folder of a handful of images) does the image nearest
+    the threshold cross over, so that there is one image to train on and one to measure. That is
+    the one case where other images matter, and the warning says so: as the folder grows, that
+    image only ever returns to the side its own hash picks.
     """
     def score(e: Example) -> float:
-        digest = hashlib.sha256(f"{seed}:{e.path.name}".encode()).digest()
+        digest = hashlib.sha256(f"{seed}:{e.name}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
-    ranked = sorted(examples, key=score)
-    n_heldout = min(len(ranked) - 1, max(1, round(heldout_fraction * len(ranked))))
-    heldout = sorted(ranked[:n_heldout], key=lambda e: str(e.path))
-    train = sorted(ranked[n_heldout:], key=lambda e: str(e.path))
+    heldout = [e for e in examples if score(e) < heldout_fraction]
+    train = [e for e in examples if score(e) >= heldout_fraction]
+    crossing = None
+    if not heldout:
+        crossing = min(train, key=score)
+        heldout, train = [crossing], [e for e in train if e is not crossing]
+    elif not train:
+        crossing = max(heldout, key=score)
+        train, heldout = [crossing], [e for e in heldout if e is not crossing]
+    if crossing is not None:
+        log(WARNING, "by their hashes, all %d images fall on one side of heldout-fraction=%s; %s crosses over "
+            "so that one image is trained on and one held out. With this few images the split can change "
+            "when images are added or removed: add images for a stable held-out set", len(examples),
+            heldout_fraction, crossing.name)
     return train, heldout
 
 

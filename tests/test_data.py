@@ -89,16 +89,41 @@ def test_resize_crop_and_transparency(tmp_path):
     assert np.allclose(pixels, 1.0)  # transparent becomes white, not red
 
 
-def test_split_is_deterministic_and_stable_when_data_grows(tmp_path):
-    root = _imagefolder(tmp_path / "d", 20)
-    train, held = split(discover(root, None), 0.25, seed=0)
-    assert len(held) == 5 and len(train) == 15 and not {e.name for e in train} & {e.name for e in held}
-    assert split(discover(root, None), 0.25, seed=0) == (train, held)
-    _image(root / "extra.png")
-    with (root / "metadata.jsonl").open("a") as f:
-        f.write(json.dumps({"file_name": "extra.png", "text": "new"}) + "\n")
-    _, held_more = split(discover(root, None), 0.25, seed=0)
-    assert len({e.name for e in held} & {e.name for e in held_more}) >= 4  # mostly the same held-out images
+def _sides(root: Path, fraction: float = 0.1, seed: int = 0) -> dict[str, str]:
+    train, held = split(discover(root, "a photo"), fraction, seed)
+    assert not {e.name for e in train} & {e.name for e in held}
+    return {e.name: "train" for e in train} | {e.name: "held-out" for e in held}
+
+
+def test_split_is_deterministic_and_near_the_fraction(tmp_path):
+    for i in range(200):
+        (tmp_path / f"img{i:03d}.png").touch()  # split() only needs names
+    sides = _sides(tmp_path)
+    assert _sides(tmp_path) == sides
+    assert 10 <= list(sides.values()).count("held-out") <= 30  # ~10% of 200
+    assert _sides(tmp_path, seed=1) != sides  # the seed picks another split
+
+
+def test_adding_or_removing_images_moves_no_image_between_train_and_heldout(tmp_path):
+    # An image trained on that later lands in the held-out set makes the held-out loss a lie.
+    for i in range(200):
+        (tmp_path / f"img{i:03d}.png").touch()
+    before = _sides(tmp_path)
+    for i in range(200, 220):
+        (tmp_path / f"img{i:03d}.png").touch()
+    grown = _sides(tmp_path)
+    assert {n: grown[n] for n in before} == before
+    for i in range(0, 220, 3):
+        (tmp_path / f"img{i:03d}.png").unlink()
+    shrunk = _sides(tmp_path)
+    assert shrunk == {n: grown[n] for n in shrunk}
+
+
+def test_tiny_folders_still_get_one_heldout_and_one_training_image(tmp_path):
+    for i in range(2):
+        (tmp_path / f"img{i}.png").touch()
+    for fraction in (0.01, 0.5, 0.99):
+        assert sorted(_sides(tmp_path, fraction).values()) == ["held-out", "train"]
 
 
 def test_prepare_counts_corrupt_images_and_caches_latents(tmp_path, tiny_model, monkeypatch):
