@@ -35,10 +35,8 @@ class DataError(ValueError):
 class Example:
     path: Path
     caption: str
-
-    @property
-    def name(self) -> str:
-        return self.path.name
+    # The path relative to the data folder: metadata.jsonl may name a/x.png and b/x.png, two images.
+    name: str
 
 
 def discover(data_dir: Path, default_caption: str | None) -> list[Example]:
@@ -58,7 +56,7 @@ def discover(data_dir: Path, default_caption: str | None) -> list[Example]:
                 f"{data_dir} has images but no {METADATA} and the node has no default caption: add "
                 f"{METADATA} lines {{\"file_name\": ..., \"text\": ...}} or set --node-config default-caption=\"...\""
             )
-        examples = [Example(p, default_caption or "") for p in images]
+        examples = [Example(p, default_caption or "", p.name) for p in images]
     if len(examples) < 2:
         raise DataError(
             f"{data_dir} holds {len(examples)} usable image(s): at least 2 are needed (one to train on, "
@@ -79,12 +77,12 @@ def _from_metadata(data_dir: Path, meta: Path) -> list[Example]:
             raise DataError(
                 f"{meta}:{lineno} is not a JSON object with 'file_name' and 'text' ({err}): fix or remove that line"
             ) from None
-        path = (data_dir / name).resolve()
-        if data_dir.resolve() not in path.parents:
+        path, root = (data_dir / name).resolve(), data_dir.resolve()
+        if root not in path.parents:
             raise DataError(f"{meta}:{lineno} names {name!r}, outside {data_dir}: use paths relative to the folder")
         if not path.is_file():
             raise DataError(f"{meta}:{lineno} names {name!r}, which does not exist in {data_dir}")
-        examples.append(Example(path, str(text)))
+        examples.append(Example(path, str(text), path.relative_to(root).as_posix()))
     return sorted(examples, key=lambda e: str(e.path))
 
 

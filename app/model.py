@@ -24,7 +24,7 @@ from .config import NodeConfig, RunConfig
 from .data import DataError, Example, discover, fingerprint, load_image, split
 from .secagg import ADAM_BETAS
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries keyed by the path relative to the data folder, not the bare file name
 
 
 class ModelNotAvailable(RuntimeError):
@@ -236,14 +236,14 @@ def prepare_data(cfg: RunConfig, node: NodeConfig) -> EncodedData:
         tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
         log(INFO, "[%s] cached %d latents in %s", node.org, len(cached["names"]), path)
     by_name = {n: i for i, n in enumerate(cached["names"])}
-    usable = [e for e in examples if e.path.name in by_name]
+    usable = [e for e in examples if e.name in by_name]
     if len(usable) < 2:
         raise DataError(f"{node.data_dir}: only {len(usable)} of {len(examples)} images could be read; "
                         f"unreadable: {', '.join(cached['skipped'][:5])}")
     train, heldout = split(usable, cfg.heldout_fraction, cfg.seed)
 
     def pick(part: list[Example], field: str) -> torch.Tensor:
-        return cached[field][[by_name[e.path.name] for e in part]]
+        return cached[field][[by_name[e.name] for e in part]]
 
     return EncodedData(pick(train, "latents"), pick(train, "embeds"),
                        pick(heldout, "latents"), pick(heldout, "embeds"), list(cached["skipped"]))
@@ -264,7 +264,7 @@ def _encode(cfg: RunConfig, examples: list[Example], data_dir: Path) -> dict:
         pixels = load_image(e.path, cfg.resolution)
         if pixels is None:
             log(WARNING, "skipping unreadable image %s", e.path)
-            skipped.append(e.path.name)
+            skipped.append(e.name)
             continue
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device, dtype=dtype)
         # The posterior mean, not a sample: the cache must not freeze one random draw.
@@ -272,7 +272,7 @@ def _encode(cfg: RunConfig, examples: list[Example], data_dir: Path) -> dict:
         ids = tokenizer(e.caption, max_length=tokenizer.model_max_length, padding="max_length",
                         truncation=True, return_tensors="pt").input_ids
         embeds.append(text_encoder(ids.to(device))[0].float().cpu())
-        names.append(e.path.name)
+        names.append(e.name)
         if (i + 1) % 50 == 0:
             log(INFO, "encoded %d/%d images (%.1f images/s)", i + 1, len(examples), (i + 1) / (time.perf_counter() - t0))
     if not latents:

@@ -148,3 +148,23 @@ def test_prepare_counts_corrupt_images_and_caches_latents(tmp_path, tiny_model, 
     with pytest.raises(pytest.fail.Exception, match="re-encoded"):
         model.prepare_data(cfg, node)
 
+
+
+def test_same_file_name_in_two_subfolders_is_two_images(tmp_path, tiny_model):
+    from app import model
+
+    root = tmp_path / "d"
+    for sub, color in (("a", (255, 0, 0)), ("b", (0, 0, 255)), ("c", (0, 255, 0))):
+        (root / sub).mkdir(parents=True)
+        _image(root / sub / "x.png", color=color)
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{sub}/x.png", "text": text}) + "\n" for sub, text in
+                                                 (("a", "a red square"), ("b", "a blue circle"), ("c", "a green field"))))
+    assert [e.name for e in discover(root, None)] == ["a/x.png", "b/x.png", "c/x.png"]
+
+    cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
+    data = model.prepare_data(cfg, NodeConfig(root, "org-x", None, tmp_path / "cache"))
+    latents = np.concatenate([data.train_latents.numpy(), data.heldout_latents.numpy()])
+    embeds = np.concatenate([data.train_embeds.numpy(), data.heldout_embeds.numpy()])
+    assert len(latents) == 3
+    # Three different images with three different captions, not one of them three times.
+    assert len({row.tobytes() for row in latents}) == 3 and len({row.tobytes() for row in embeds}) == 3
