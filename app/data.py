@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 from flwr.common.logger import log
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA = "metadata.jsonl"
@@ -123,14 +124,23 @@ def split(examples: list[Example], heldout_fraction: float, seed: int) -> tuple[
 def load_image(path: Path, resolution: int) -> np.ndarray | None:
     """Decode, resize (shorter side) and centre-crop to `resolution`; float32 HWC in [-1, 1].
 
-    Returns None for a corrupt or unreadable file (the caller skips and counts it); raises
+    Returns None for a corrupt, truncated or unreadable file, or one over Pillow's pixel limit
+    (a decompression bomb): the caller skips and counts it. Raises
     DataError for a valid image the pipeline cannot use.
     """
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = img.copy()  # detach from the file before it closes
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        with warnings.catch_warnings():
+            # Past Image.MAX_IMAGE_PIXELS Pillow only warns (it raises past twice that): either way
+            # the image could exhaust the node's memory, so it is skipped like a corrupt one.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                # Phone photos are stored turned, with an EXIF tag saying how to show them upright.
+                # Returns a copy either way: detached from the file before it closes.
+                img = ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        log(WARNING, "skipping unreadable image %s (%s)", path, err)
         return None
     if img.mode not in _CONVERTIBLE_MODES:
         raise DataError(

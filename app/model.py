@@ -262,8 +262,7 @@ def _encode(cfg: RunConfig, examples: list[Example], data_dir: Path) -> dict:
     t0 = time.perf_counter()
     for i, e in enumerate(examples):
         pixels = load_image(e.path, cfg.resolution)
-        if pixels is None:
-            log(WARNING, "skipping unreadable image %s", e.path)
+        if pixels is None:  # load_image logged why
             skipped.append(e.name)
             continue
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device, dtype=dtype)

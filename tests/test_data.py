@@ -168,3 +168,40 @@ def test_same_file_name_in_two_subfolders_is_two_images(tmp_path, tiny_model):
     assert len(latents) == 3
     # Three different images with three different captions, not one of them three times.
     assert len({row.tobytes() for row in latents}) == 3 and len({row.tobytes() for row in embeds}) == 3
+
+
+def test_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
+    upright = Image.new("RGB", (32, 64), (255, 0, 0))  # portrait: red top half, blue bottom half
+    upright.paste((0, 0, 255), (0, 32, 32, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera stored it turned; viewers rotate it 90° clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    pixels = load_image(tmp_path / "phone.jpg", 32)
+    top, bottom = pixels[:12].mean(axis=(0, 1)), pixels[-12:].mean(axis=(0, 1))
+    assert top[0] > 0.8 and top[2] < -0.8  # red
+    assert bottom[2] > 0.8 and bottom[0] < -0.8  # blue
+
+
+def test_truncated_image_is_skipped_not_fatal(tmp_path):
+    Image.effect_noise((64, 64), 64).convert("RGB").save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
+    assert load_image(tmp_path / "cut.jpg", 32) is None
+
+
+@pytest.mark.parametrize("pixels_over_limit", [1.5, 3])  # past the limit: a warning; past twice: an error
+def test_decompression_bomb_is_skipped_not_fatal(tmp_path, monkeypatch, pixels_over_limit):
+    _image(tmp_path / "bomb.png", size=(64, 64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(64 * 64 / pixels_over_limit))
+    assert load_image(tmp_path / "bomb.png", 32) is None
+
+
+def test_prepare_counts_a_decompression_bomb_and_goes_on(tmp_path, tiny_model, monkeypatch):
+    from app import model
+
+    root = _imagefolder(tmp_path / "d", 4)
+    _image(root / "img3.png", size=(400, 400))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
+    data = model.prepare_data(cfg, NodeConfig(root, "org-x", None, tmp_path / "cache"))
+    assert data.skipped == ["img3.png"] and data.num_train + data.num_heldout == 3
