@@ -120,10 +120,17 @@ class RunConfig:
 
     @property
     def model_identity(self) -> dict[str, Any]:
-        """What a checkpoint depends on: resuming with other values would mix two different adapters."""
+        """What a run's checkpoints and losses depend on: resuming with other values is refused.
+
+        Model and LoRA shape: other values would mix two different adapters. Seed and held-out
+        fraction: they pick the held-out images and the evaluation noise, so other values would make
+        later rounds' held-out losses incomparable with the earlier ones (and could evaluate on
+        images already trained on).
+        """
         return {
             "base-model": self.base_model, "lora-rank": self.lora_rank, "lora-alpha": self.lora_alpha,
             "lora-target-modules": ",".join(self.lora_targets),
+            "seed": self.seed, "heldout-fraction": self.heldout_fraction,
         }
 
 

@@ -1,6 +1,6 @@
 """The run's output directory: per-round checkpoints, resume, the final adapter, sample grids.
 
-    <output-dir>/run-config.json                   settings a checkpoint depends on
+    <output-dir>/run-config.json                   settings the checkpoints and losses depend on
     <output-dir>/rounds/round-0003/                one complete round, written atomically:
         pytorch_lora_weights.safetensors           the global adapter after that round
         metrics.json                               losses, participants, timings

@@ -66,3 +66,19 @@ def test_metrics_learnt_later_are_added_to_the_round(tmp_path):
     out.update_round_metrics(1, {"heldout_loss": 0.25})
     assert out.round_metrics(1)["heldout_loss"] == 0.25
     assert out.history() == [{"round": 1, "heldout_loss": 0.25}]
+
+
+@pytest.mark.parametrize("key,value", [("seed", 1), ("heldout-fraction", 0.2), ("lora-rank", 16)])
+def test_resume_with_settings_that_change_what_is_measured_is_refused(tmp_path, key, value):
+    from app.config import RunConfig
+    from conftest import with_defaults
+
+    def identity(**overrides) -> dict:
+        return RunConfig.from_flower(with_defaults({"output-dir": str(tmp_path)} | overrides)).model_identity
+
+    OutputDir(tmp_path).claim(identity())
+    # The seed picks the held-out images and the evaluation noise: another one makes the held-out
+    # losses of earlier rounds incomparable with later ones.
+    with pytest.raises(ValueError, match=f"'{key}'.*new output-dir"):
+        OutputDir(tmp_path).claim(identity(**{key: value}))
+    OutputDir(tmp_path).claim(identity(**{"num-server-rounds": 50, "local-steps": 7}))  # more rounds: resumes
