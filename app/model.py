@@ -7,6 +7,8 @@ fresh ClientApp process, and importing torch + diffusers costs seconds each time
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,9 +233,14 @@ def prepare_data(cfg: RunConfig, node: NodeConfig) -> EncodedData:
     else:
         cached = _encode(cfg, examples, node.data_dir)
         node.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(cached, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
+        # A temporary name of this writer's own: nodes or runs sharing the cache volume may encode
+        # the same data at once, and each must rename its own complete file (the contents agree).
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            torch.save(cached, tmp)
+            tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
+        finally:
+            tmp.unlink(missing_ok=True)
         log(INFO, "[%s] cached %d latents in %s", node.org, len(cached["names"]), path)
     by_name = {n: i for i, n in enumerate(cached["names"])}
     usable = [e for e in examples if e.name in by_name]

@@ -205,3 +205,23 @@ def test_prepare_counts_a_decompression_bomb_and_goes_on(tmp_path, tiny_model, m
     cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
     data = model.prepare_data(cfg, NodeConfig(root, "org-x", None, tmp_path / "cache"))
     assert data.skipped == ["img3.png"] and data.num_train + data.num_heldout == 3
+
+
+def test_two_processes_filling_one_cache_at_once_both_get_their_data(tmp_path, tiny_model, monkeypatch):
+    from app import model
+
+    root = _imagefolder(tmp_path / "d", 4)
+    cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
+    node = NodeConfig(root, "org-x", None, tmp_path / "cache")
+    real_save, saves, other = model.torch.save, [], []
+
+    def save_while_another_process_does_too(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        saves.append(f)
+        if len(saves) == 1:  # the other one writes and renames its cache between our write and our rename
+            other.append(model.prepare_data(cfg, node))
+
+    monkeypatch.setattr(model.torch, "save", save_while_another_process_does_too)
+    mine = model.prepare_data(cfg, node)
+    assert np.array_equal(mine.train_latents.numpy(), other[0].train_latents.numpy())
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".pt"]  # one cache, no temporary left
