@@ -34,16 +34,18 @@ class ModelNotAvailable(RuntimeError):
 
 
 def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype | None]:
-    """The device and the autocast dtype (None: full fp32)."""
+    """The device and the autocast dtype (None: full fp32).
+
+    Never fp16: it would need loss scaling (config.py refuses it). A GPU without bf16 gets fp32."""
     if not torch.cuda.is_available():
-        if mixed_precision in ("fp16", "bf16"):
+        if mixed_precision == "bf16":
             log(WARNING, "mixed-precision=%s asked for but no CUDA device: training in fp32 on CPU", mixed_precision)
         return torch.device("cpu"), None
     device = torch.device("cuda")
-    if mixed_precision == "no":
+    # Native bf16 only (Ampere or newer): torch's default also counts slow pre-Ampere emulation.
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if mixed_precision == "no" or (mixed_precision == "auto" and not native_bf16):
         return device, None
-    if mixed_precision == "fp16" or (mixed_precision == "auto" and not torch.cuda.is_bf16_supported()):
-        return device, torch.float16
     return device, torch.bfloat16
 
 
