@@ -33,6 +33,14 @@ class ModelNotAvailable(RuntimeError):
     pass
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Training diverged. Carries the loss so that the node can export it before it stops."""
+
+    def __init__(self, loss: float, step: int) -> None:
+        super().__init__(f"training loss is {loss} at local step {step}: lower 'learning-rate'")
+        self.loss = loss
+
+
 def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype | None]:
     """The device and the autocast dtype (None: full fp32).
 
@@ -156,7 +164,7 @@ class LoraUNet:
             pred = self._predict(noisy, timesteps, data.train_embeds[idx].to(self.device))
             loss = F.mse_loss(pred, self._target(latents, noise, timesteps))
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss.item()} at local step {step}: lower 'learning-rate'")
+                raise NonFiniteLoss(loss.item(), step)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

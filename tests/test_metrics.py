@@ -46,3 +46,26 @@ def test_writable_metrics_directory_is_shared_between_processes(tmp_path):
     first = _import_with_metrics_dir(tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     assert any(p.name.startswith("gauge_") for p in tmp_path.iterdir())  # for the exporter to serve
+
+
+def test_a_non_finite_loss_is_exported_before_the_node_fails(tiny_model, demo_data, tmp_path):
+    # FedloraNonFiniteLoss fires on the loss gauges: they must hold the bad value when the node stops.
+    import math
+
+    import numpy as np
+    import pytest
+    from prometheus_client import REGISTRY
+
+    from app import model
+    from app.client_app import local_update
+    from app.config import NodeConfig, RunConfig
+    from conftest import tiny_run_config, with_defaults
+
+    cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
+    node = NodeConfig(demo_data / "org-1", "org-diverged", None, tmp_path / "cache")
+    # A global adapter that diverged: every prediction, hence every loss, is NaN.
+    diverged = [np.full_like(a, np.inf) for a in model.lora_state(model.LoraUNet.load(cfg).unet).values()]
+    with pytest.raises(FloatingPointError, match="training loss is nan"):
+        local_update(cfg, node, diverged, rnd=1)
+    for gauge in ("fedlora_train_loss", "fedlora_heldout_loss"):
+        assert math.isnan(REGISTRY.get_sample_value(gauge, {"org": "org-diverged"})), gauge
