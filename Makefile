@@ -17,7 +17,7 @@ IMAGE_PREFIX ?= $(shell sed -n 's/^IMAGE_PREFIX=//p' .env)
 IMAGE_TAG ?= $(shell sed -n 's/^IMAGE_TAG=//p' .env)
 # One-off tools run in the stack's images as you, with no secrets mounted.
 TOOL = docker run --rm --user $(HOST_UID):$(HOST_GID) --entrypoint python
-CERTS_TOOL = $(TOOL) -v "$(CURDIR)/certs/certs.py:/tool/certs.py:ro" -e SUPERLINK_SANS="$(SANS)"
+CERTS_TOOL = $(TOOL) -v "$(CURDIR)/certs/certs.py:/tool/certs.py:ro" -e SANS="$(SANS)"
 COMPOSE ?= docker compose
 COMPOSE_GPU ?= $(COMPOSE) -f compose.yaml -f compose.gpu.yaml
 # Extra names/IPs the SuperLink certificate must cover, for organisations that reach it from afar.

@@ -49,11 +49,18 @@ def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarra
     t_eval = time.perf_counter()
     heldout = net.heldout_loss(data, cfg.eval_timesteps, cfg.seed, cfg.batch_size)
     eval_seconds = time.perf_counter() - t_eval
+    # Exported before training, which stops the node on a non-finite loss: the alert on these
+    # gauges (FedloraNonFiniteLoss) must see the bad value.
+    metrics.HELDOUT_LOSS.labels(node.org).set(heldout)
     log(INFO, "[%s] round %d: global %s has held-out loss %.5f; training %d steps on %d images", node.org, rnd,
         received, heldout, cfg.local_steps, data.num_train)
     step_seconds = metrics.STEP_SECONDS.labels(node.org)
-    stats = net.train(data, cfg.local_steps, cfg.batch_size, cfg.learning_rate, round_seed(cfg.seed, rnd, node.org),
-                      on_step=step_seconds.observe)
+    try:
+        stats = net.train(data, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
+                          round_seed(cfg.seed, rnd, node.org), on_step=step_seconds.observe)
+    except model.NonFiniteLoss as err:
+        metrics.TRAIN_LOSS.labels(node.org).set(err.loss)
+        raise
     local = model.lora_state(net.unet)
     update = [local[name] - np.asarray(g, dtype=np.float32) for name, g in zip(net.names, global_arrays)]
 
@@ -78,7 +85,6 @@ def _export_round(cfg: RunConfig, org: str, report: dict, num_elements: int) -> 
     metrics.TRAIN_EXAMPLES.labels(org).inc(cfg.local_steps * cfg.batch_size)
     metrics.ROUNDS_TRAINED.labels(org).inc()
     metrics.TRAIN_LOSS.labels(org).set(report["train_loss"])
-    metrics.HELDOUT_LOSS.labels(org).set(report["heldout_loss"])
     metrics.IMAGES_PER_SECOND.labels(org).set(report["images_per_second"])
     metrics.IMAGES_SKIPPED.labels(org).set(report["skipped_images"])
     if "accelerator_memory_peak_bytes" in report:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 AGGREGATIONS = ("secagg+", "fedavg")
-PRECISIONS = ("auto", "no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "bf16")
 
 
 class ConfigError(ValueError):
@@ -103,6 +103,13 @@ class RunConfig:
             raise ConfigError("run config 'lora-target-modules' is empty: name at least one, e.g. 'to_q,to_v'")
         if not 0 < self.heldout_fraction < 1:
             raise ConfigError(f"run config 'heldout-fraction' must be in (0, 1), got {self.heldout_fraction}")
+        if self.mixed_precision == "fp16":
+            # fp16 training needs loss scaling (GradScaler), or small gradients underflow to zero and
+            # the adapter silently stops learning; bf16 has fp32's range and needs none.
+            raise ConfigError(
+                "run config 'mixed-precision' is 'fp16', which trains without loss scaling here: use "
+                "'bf16' (NVIDIA Ampere or newer) or 'no' (fp32); 'auto' picks bf16 where the GPU has it"
+            )
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"run config 'mixed-precision' must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         if self.aggregation not in AGGREGATIONS:
@@ -120,10 +127,17 @@ class RunConfig:
 
     @property
     def model_identity(self) -> dict[str, Any]:
-        """What a checkpoint depends on: resuming with other values would mix two different adapters."""
+        """What a run's checkpoints and losses depend on: resuming with other values is refused.
+
+        Model and LoRA shape: other values would mix two different adapters. Seed and held-out
+        fraction: they pick the held-out images and the evaluation noise, so other values would make
+        later rounds' held-out losses incomparable with the earlier ones (and could evaluate on
+        images already trained on).
+        """
         return {
             "base-model": self.base_model, "lora-rank": self.lora_rank, "lora-alpha": self.lora_alpha,
             "lora-target-modules": ",".join(self.lora_targets),
+            "seed": self.seed, "heldout-fraction": self.heldout_fraction,
         }
 
 

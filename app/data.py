@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from flwr.common.logger import log
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA = "metadata.jsonl"
@@ -33,10 +36,8 @@ class DataError(ValueError):
 class Example:
     path: Path
     caption: str
-
-    @property
-    def name(self) -> str:
-        return self.path.name
+    # The path relative to the data folder: metadata.jsonl may name a/x.png and b/x.png, two images.
+    name: str
 
 
 def discover(data_dir: Path, default_caption: str | None) -> list[Example]:
@@ -56,7 +57,7 @@ def discover(data_dir: Path, default_caption: str | None) -> list[Example]:
                 f"{data_dir} has images but no {METADATA} and the node has no default caption: add "
                 f"{METADATA} lines {{\"file_name\": ..., \"text\": ...}} or set --node-config default-caption=\"...\""
             )
-        examples = [Example(p, default_caption or "") for p in images]
+        examples = [Example(p, default_caption or "", p.name) for p in images]
     if len(examples) < 2:
         raise DataError(
             f"{data_dir} holds {len(examples)} usable image(s): at least 2 are needed (one to train on, "
@@ -77,42 +78,69 @@ def _from_metadata(data_dir: Path, meta: Path) -> list[Example]:
             raise DataError(
                 f"{meta}:{lineno} is not a JSON object with 'file_name' and 'text' ({err}): fix or remove that line"
             ) from None
-        path = (data_dir / name).resolve()
-        if data_dir.resolve() not in path.parents:
+        path, root = (data_dir / name).resolve(), data_dir.resolve()
+        if root not in path.parents:
             raise DataError(f"{meta}:{lineno} names {name!r}, outside {data_dir}: use paths relative to the folder")
         if not path.is_file():
             raise DataError(f"{meta}:{lineno} names {name!r}, which does not exist in {data_dir}")
-        examples.append(Example(path, str(text)))
+        examples.append(Example(path, str(text), path.relative_to(root).as_posix()))
     return sorted(examples, key=lambda e: str(e.path))
 
 
 def split(examples: list[Example], heldout_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Deterministic train/held-out split by a hash of each file name.
+    """Deterministic train/held-out split: an image is held out when its own hash says so.
 
-    Hashing (not shuffling) keeps an image on the same side when others are added or removed.
+    Each image's (seed, name) hash, read as a fraction in [0, 1), is compared with
+    `heldout_fraction`, so an image's side never depends on which other images exist: adding or
+    removing images never moves a trained-on image into the held-out set (which would make the
+    held-out loss a lie). The share held out is therefore close to, not exactly, the fraction.
+
+    Only when the rule leaves a side empty (a folder of a handful of images) does the image nearest
+    the threshold cross over, so that there is one image to train on and one to measure. That is
+    the one case where other images matter, and the warning says so: as the folder grows, that
+    image only ever returns to the side its own hash picks.
     """
     def score(e: Example) -> float:
-        digest = hashlib.sha256(f"{seed}:{e.path.name}".encode()).digest()
+        digest = hashlib.sha256(f"{seed}:{e.name}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
-    ranked = sorted(examples, key=score)
-    n_heldout = min(len(ranked) - 1, max(1, round(heldout_fraction * len(ranked))))
-    heldout = sorted(ranked[:n_heldout], key=lambda e: str(e.path))
-    train = sorted(ranked[n_heldout:], key=lambda e: str(e.path))
+    heldout = [e for e in examples if score(e) < heldout_fraction]
+    train = [e for e in examples if score(e) >= heldout_fraction]
+    crossing = None
+    if not heldout:
+        crossing = min(train, key=score)
+        heldout, train = [crossing], [e for e in train if e is not crossing]
+    elif not train:
+        crossing = max(heldout, key=score)
+        train, heldout = [crossing], [e for e in heldout if e is not crossing]
+    if crossing is not None:
+        log(WARNING, "by their hashes, all %d images fall on one side of heldout-fraction=%s; %s crosses over "
+            "so that one image is trained on and one held out. With this few images the split can change "
+            "when images are added or removed: add images for a stable held-out set", len(examples),
+            heldout_fraction, crossing.name)
     return train, heldout
 
 
 def load_image(path: Path, resolution: int) -> np.ndarray | None:
     """Decode, resize (shorter side) and centre-crop to `resolution`; float32 HWC in [-1, 1].
 
-    Returns None for a corrupt or unreadable file (the caller skips and counts it); raises
+    Returns None for a corrupt, truncated or unreadable file, or one over Pillow's pixel limit
+    (a decompression bomb): the caller skips and counts it. Raises
     DataError for a valid image the pipeline cannot use.
     """
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = img.copy()  # detach from the file before it closes
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        with warnings.catch_warnings():
+            # Past Image.MAX_IMAGE_PIXELS Pillow only warns (it raises past twice that): either way
+            # the image could exhaust the node's memory, so it is skipped like a corrupt one.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                # Phone photos are stored turned, with an EXIF tag saying how to show them upright.
+                # Returns a copy either way: detached from the file before it closes.
+                img = ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        log(WARNING, "skipping unreadable image %s (%s)", path, err)
         return None
     if img.mode not in _CONVERTIBLE_MODES:
         raise DataError(

@@ -6,18 +6,22 @@ files by process id, so every short-lived process would leave files behind (1 Mi
 counters would restart from zero in each; instead each process claims a reusable slot under a
 lock: consecutive processes write to the same files, so counters continue from the stored value
 and stay monotonic across processes and node restarts, and only concurrent processes get a
-second slot. Without $PROMETHEUS_MULTIPROC_DIR the metrics just stay in the process.
+second slot. Without $PROMETHEUS_MULTIPROC_DIR, or where it cannot be written, the metrics just
+stay in the process.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import itertools
 import os
+from logging import WARNING
 from pathlib import Path
 from types import SimpleNamespace
 
+from flwr.common.logger import log
 from prometheus_client import Counter, Gauge, Histogram, values
 
 _held_locks: list = []
@@ -37,9 +41,32 @@ def _claim_slot(directory: Path) -> str:
     raise AssertionError("unreachable")
 
 
+# Room for the metric files (a few sparse 1 MiB mmaps): on a fuller volume a write through the
+# mmap would crash the process (SIGBUS), not raise.
+_MIN_FREE_BYTES = 16 * 2**20
+
+
+def _use_directory(directory: Path) -> None:
+    """Share metrics through `directory`, or keep them in this process if it cannot take them.
+
+    Metrics must never stop training: a read-only, broken or full volume costs the exporter its
+    view of this process, with one warning, and nothing else."""
+    try:
+        identity = _claim_slot(directory)
+        free = os.statvfs(directory)
+        if free.f_bavail * free.f_frsize < _MIN_FREE_BYTES:
+            raise OSError(errno.ENOSPC, "less than 16 MiB free")
+    except OSError as err:
+        log(WARNING, "cannot write metrics to PROMETHEUS_MULTIPROC_DIR=%s (%s): metrics stay in this process, "
+            "unseen by the node's exporter; give the node a writable metrics volume", directory, err)
+        # prometheus_client chose multiprocess values itself, from the same variable.
+        values.ValueClass = values.MutexValue
+        return
+    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: identity)
+
+
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    _identity = _claim_slot(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
-    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: _identity)
+    _use_directory(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
 
 
 def _gauge(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Gauge:

@@ -7,6 +7,8 @@ fresh ClientApp process, and importing torch + diffusers costs seconds each time
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,24 +26,34 @@ from .config import NodeConfig, RunConfig
 from .data import DataError, Example, discover, fingerprint, load_image, split
 from .secagg import ADAM_BETAS
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries keyed by the path relative to the data folder, not the bare file name
 
 
 class ModelNotAvailable(RuntimeError):
     pass
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Training diverged. Carries the loss so that the node can export it before it stops."""
+
+    def __init__(self, loss: float, step: int) -> None:
+        super().__init__(f"training loss is {loss} at local step {step}: lower 'learning-rate'")
+        self.loss = loss
+
+
 def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype | None]:
-    """The device and the autocast dtype (None: full fp32)."""
+    """The device and the autocast dtype (None: full fp32).
+
+    Never fp16: it would need loss scaling (config.py refuses it). A GPU without bf16 gets fp32."""
     if not torch.cuda.is_available():
-        if mixed_precision in ("fp16", "bf16"):
+        if mixed_precision == "bf16":
             log(WARNING, "mixed-precision=%s asked for but no CUDA device: training in fp32 on CPU", mixed_precision)
         return torch.device("cpu"), None
     device = torch.device("cuda")
-    if mixed_precision == "no":
+    # Native bf16 only (Ampere or newer): torch's default also counts slow pre-Ampere emulation.
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if mixed_precision == "no" or (mixed_precision == "auto" and not native_bf16):
         return device, None
-    if mixed_precision == "fp16" or (mixed_precision == "auto" and not torch.cuda.is_bf16_supported()):
-        return device, torch.float16
     return device, torch.bfloat16
 
 
@@ -152,7 +164,7 @@ class LoraUNet:
             pred = self._predict(noisy, timesteps, data.train_embeds[idx].to(self.device))
             loss = F.mse_loss(pred, self._target(latents, noise, timesteps))
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss.item()} at local step {step}: lower 'learning-rate'")
+                raise NonFiniteLoss(loss.item(), step)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -231,19 +243,24 @@ def prepare_data(cfg: RunConfig, node: NodeConfig) -> EncodedData:
     else:
         cached = _encode(cfg, examples, node.data_dir)
         node.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(cached, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
+        # A temporary name of this writer's own: nodes or runs sharing the cache volume may encode
+        # the same data at once, and each must rename its own complete file (the contents agree).
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            torch.save(cached, tmp)
+            tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
+        finally:
+            tmp.unlink(missing_ok=True)
         log(INFO, "[%s] cached %d latents in %s", node.org, len(cached["names"]), path)
     by_name = {n: i for i, n in enumerate(cached["names"])}
-    usable = [e for e in examples if e.path.name in by_name]
+    usable = [e for e in examples if e.name in by_name]
     if len(usable) < 2:
         raise DataError(f"{node.data_dir}: only {len(usable)} of {len(examples)} images could be read; "
                         f"unreadable: {', '.join(cached['skipped'][:5])}")
     train, heldout = split(usable, cfg.heldout_fraction, cfg.seed)
 
     def pick(part: list[Example], field: str) -> torch.Tensor:
-        return cached[field][[by_name[e.path.name] for e in part]]
+        return cached[field][[by_name[e.name] for e in part]]
 
     return EncodedData(pick(train, "latents"), pick(train, "embeds"),
                        pick(heldout, "latents"), pick(heldout, "embeds"), list(cached["skipped"]))
@@ -262,9 +279,8 @@ def _encode(cfg: RunConfig, examples: list[Example], data_dir: Path) -> dict:
     t0 = time.perf_counter()
     for i, e in enumerate(examples):
         pixels = load_image(e.path, cfg.resolution)
-        if pixels is None:
-            log(WARNING, "skipping unreadable image %s", e.path)
-            skipped.append(e.path.name)
+        if pixels is None:  # load_image logged why
+            skipped.append(e.name)
             continue
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device, dtype=dtype)
         # The posterior mean, not a sample: the cache must not freeze one random draw.
@@ -272,7 +288,7 @@ def _encode(cfg: RunConfig, examples: list[Example], data_dir: Path) -> dict:
         ids = tokenizer(e.caption, max_length=tokenizer.model_max_length, padding="max_length",
                         truncation=True, return_tensors="pt").input_ids
         embeds.append(text_encoder(ids.to(device))[0].float().cpu())
-        names.append(e.path.name)
+        names.append(e.name)
         if (i + 1) % 50 == 0:
             log(INFO, "encoded %d/%d images (%.1f images/s)", i + 1, len(examples), (i + 1) / (time.perf_counter() - t0))
     if not latents:

@@ -1,6 +1,6 @@
 """The run's output directory: per-round checkpoints, resume, the final adapter, sample grids.
 
-    <output-dir>/run-config.json                   settings a checkpoint depends on
+    <output-dir>/run-config.json                   settings the checkpoints and losses depend on
     <output-dir>/rounds/round-0003/                one complete round, written atomically:
         pytorch_lora_weights.safetensors           the global adapter after that round
         metrics.json                               losses, participants, timings
@@ -11,20 +11,30 @@
     <output-dir>/losses.png                        training and held-out loss by round
 
 A round directory appears by rename only when complete, so a crash never leaves a half round
-that a restart would resume from.
+that a restart would resume from. A run holds an exclusive lock on the directory (run.lock) for
+its life, so two runs never write each other's rounds.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+LOCK_FILE = "run.lock"
+
+
+class OutputDirInUse(RuntimeError):
+    """Another run (named in the message) holds the output directory."""
 
 
 class OutputDir:
@@ -32,10 +42,14 @@ class OutputDir:
         self.root = root
         self.rounds = root / "rounds"
         self.final = root / "final"
+        self._lock = None
 
     def claim(self, identity: dict[str, Any]) -> None:
-        """Record what the checkpoints here depend on, or refuse a directory from another setup."""
-        self.rounds.mkdir(parents=True, exist_ok=True)
+        """Lock the directory for this run, then record what the checkpoints here depend on, or
+        refuse a directory from another setup. The lock lasts until release() or the process ends."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        self.rounds.mkdir(exist_ok=True)
         path = self.root / "run-config.json"
         if path.is_file():
             previous = json.loads(path.read_text())
@@ -47,6 +61,31 @@ class OutputDir:
                 )
         else:
             path.write_text(json.dumps(identity, indent=2) + "\n")
+
+    def _take_lock(self) -> None:
+        if self._lock is not None:
+            return
+        # "a+": opening must not erase the holder's line before the lock is ours.
+        lock = open(self.root / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "holder unknown"
+            lock.close()
+            raise OutputDirInUse(
+                f"output-dir {self.root} is in use by another run ({holder}): wait for that run to end "
+                "(`flwr ls`), or give this one another output-dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n")
+        lock.flush()
+        self._lock = lock  # the OS releases it when this process ends, however it ends
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def round_dir(self, rnd: int) -> Path:
         return self.rounds / f"round-{rnd:04d}"

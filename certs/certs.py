@@ -10,8 +10,9 @@ CA is never replaced, and the server certificate is only re-issued when it no
 longer fits (missing SAN, expiring, wrong CA, lost key).  `check` verifies the
 files without changing anything and exits 1 with a fix when something is off.
 
-Extra SANs come from --san and from the SUPERLINK_SANS environment variable
-(comma or space separated); both are used.  Only stdlib + `cryptography`.
+Extra SANs come from --san and from the SANS environment variable (comma or
+space separated; `make certs SANS="..."` sets it); both are used.  Only stdlib +
+`cryptography`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ SERVER_CN = "superlink"
 # The demo's SuperNodes dial the gateway by its compose service name, the gateway dials the
 # SuperLink by its own, and the SuperLink dials itself over loopback, by name and by address.
 DEFAULT_SANS = ("superlink", "gateway", "localhost", "127.0.0.1")
-SANS_ENV = "SUPERLINK_SANS"
+# The name `make certs SANS="..."` documents and passes on: one name, so that the fix this tool
+# prints is a command that works.
+SANS_ENV = "SANS"
 
 RENEW_BEFORE_DAYS = 30
 # Backdate notBefore so peers whose clocks run a little slow still accept a
@@ -456,6 +459,13 @@ def _ensure_server(
     clamped = end > ca_cert.not_valid_after_utc
     end = min(end, ca_cert.not_valid_after_utc)
     key, cert = issue_server(ca_key, ca_cert, wanted, start, end)
+    missing = missing_sans(cert, wanted)
+    if missing:  # never hand out a certificate that organisations would be refused by
+        raise CertError(
+            f"{_show(cert_path)} does not cover {', '.join(repr(s) for s in missing)} although they were "
+            f"requested, so it was not written ({_show(cert_path)} is unchanged): give each name as a plain "
+            "host name or IP address, and report this as a bug in certs/certs.py if it persists"
+        )
     _write_key(key_path, key)
     _write_cert(cert_path, cert)
     print(f"server  {_show(cert_path)}: {reason}; now {_expiry(cert)}")

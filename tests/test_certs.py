@@ -111,6 +111,27 @@ def test_server_cert_from_other_ca_is_reissued(made: Path, tmp_path_factory: pyt
     assert certs.check(made, []) == []
 
 
+def test_generate_fails_when_the_certificate_lacks_a_requested_name(made: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    issue = certs.issue_server
+    monkeypatch.setattr(certs, "issue_server", lambda key, ca, sans, *a: issue(key, ca, sans[:-1], *a))
+    with pytest.raises(certs.CertError, match=r"server.pem does not cover 'fl.example.org'"):
+        certs.generate(made, ["fl.example.org"])
+    assert certs.main(["generate", "--dir", str(made), "--san", "fl.example.org"]) == 1
+
+
+def test_the_printed_fix_is_what_make_certs_passes_on() -> None:
+    # `check` tells the operator to run `make certs SANS=...`: the Makefile must hand that very
+    # variable to certs.py under the name it reads, and the docs must name no other.
+    makefile = (ROOT / "Makefile").read_text()
+    tool_line = next(line for line in makefile.splitlines() if line.startswith("CERTS_TOOL ="))
+    assert f'-e {certs.SANS_ENV}="$(SANS)"' in tool_line
+    assert certs.SANS_ENV == "SANS"
+    for path in ("Makefile", "README.md", "certs/README.md", "certs/certs.py"):
+        text = (ROOT / path).read_text()
+        assert "SUPERLINK_SANS" not in text, path
+    assert "make certs SANS=" in (ROOT / "certs" / "README.md").read_text()
+
+
 def test_missing_ca_key_is_an_error(made: Path) -> None:
     (made / "ca.key").unlink()
     ca_before = (made / "ca.pem").read_bytes()
@@ -120,7 +141,7 @@ def test_missing_ca_key_is_an_error(made: Path) -> None:
 
 
 def test_sans_from_env_and_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SUPERLINK_SANS", "a.example.org, 10.0.0.1  b.example.org")
+    monkeypatch.setenv("SANS", "a.example.org, 10.0.0.1  b.example.org")
     assert certs._sans_from(["c.example.org,A.example.org"]) == [
         "c.example.org", "a.example.org", "10.0.0.1", "b.example.org"
     ]
@@ -259,7 +280,7 @@ def test_check_san_not_covered(made: Path, capsys: pytest.CaptureFixture[str]) -
     problems = certs.check(made, ["fl.example.org"])
     assert problems == [
         f"{certs._show(made / 'server.pem')} does not cover 'fl.example.org': "
-        "run `make certs SUPERLINK_SANS=fl.example.org`"
+        "run `make certs SANS=fl.example.org`"
     ]
     capsys.readouterr()
     assert certs.main(["check", "--dir", str(made), "--san", "fl.example.org"]) == 1
@@ -267,7 +288,7 @@ def test_check_san_not_covered(made: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_check_san_from_env(made: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SUPERLINK_SANS", "10.1.2.3")
+    monkeypatch.setenv("SANS", "10.1.2.3")
     assert certs.main(["check", "--dir", str(made)]) == 1
 
 

@@ -23,6 +23,8 @@ def test_defaults_are_valid_and_real():
     ("min-nodes", 1, "secagg\\+ needs at least 2"),
     ("lora-target-modules", " , ", "empty"),
     ("local-steps", "10", "must be int"),
+    # Training in fp16 without loss scaling lets small gradients underflow to zero.
+    ("mixed-precision", "fp16", "fp16.*loss scaling.*'bf16'.*'no'"),
 ])
 def test_invalid_run_settings(key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -34,3 +36,23 @@ def test_node_config_requires_data_dir_and_org():
         NodeConfig.from_flower({})
     node = NodeConfig.from_flower({"data-dir": "/data", "org": "clinic-a", "cache-dir": "/c"})
     assert str(node.data_dir) == "/data" and node.org == "clinic-a" and node.default_caption is None
+
+
+@pytest.mark.parametrize("gpu,asked,expected", [
+    ("ampere", "auto", "bfloat16"),
+    ("turing", "auto", None),  # T4, V100: bf16 only emulated; fp32, never unscaled fp16
+    ("turing", "no", None),
+    (None, "auto", None),
+])
+def test_precision_picked_for_training(monkeypatch, gpu, asked, expected):
+    import torch
+
+    from app import model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
+    # torch's answer by default counts emulated bf16 (slow, pre-Ampere) as supported.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: gpu == "ampere" or (gpu is not None and including_emulation))
+    device, dtype = model.device_and_dtype(asked)
+    assert device.type == ("cuda" if gpu else "cpu")
+    assert dtype == (getattr(torch, expected) if expected else None)

@@ -89,16 +89,41 @@ def test_resize_crop_and_transparency(tmp_path):
     assert np.allclose(pixels, 1.0)  # transparent becomes white, not red
 
 
-def test_split_is_deterministic_and_stable_when_data_grows(tmp_path):
-    root = _imagefolder(tmp_path / "d", 20)
-    train, held = split(discover(root, None), 0.25, seed=0)
-    assert len(held) == 5 and len(train) == 15 and not {e.name for e in train} & {e.name for e in held}
-    assert split(discover(root, None), 0.25, seed=0) == (train, held)
-    _image(root / "extra.png")
-    with (root / "metadata.jsonl").open("a") as f:
-        f.write(json.dumps({"file_name": "extra.png", "text": "new"}) + "\n")
-    _, held_more = split(discover(root, None), 0.25, seed=0)
-    assert len({e.name for e in held} & {e.name for e in held_more}) >= 4  # mostly the same held-out images
+def _sides(root: Path, fraction: float = 0.1, seed: int = 0) -> dict[str, str]:
+    train, held = split(discover(root, "a photo"), fraction, seed)
+    assert not {e.name for e in train} & {e.name for e in held}
+    return {e.name: "train" for e in train} | {e.name: "held-out" for e in held}
+
+
+def test_split_is_deterministic_and_near_the_fraction(tmp_path):
+    for i in range(200):
+        (tmp_path / f"img{i:03d}.png").touch()  # split() only needs names
+    sides = _sides(tmp_path)
+    assert _sides(tmp_path) == sides
+    assert 10 <= list(sides.values()).count("held-out") <= 30  # ~10% of 200
+    assert _sides(tmp_path, seed=1) != sides  # the seed picks another split
+
+
+def test_adding_or_removing_images_moves_no_image_between_train_and_heldout(tmp_path):
+    # An image trained on that later lands in the held-out set makes the held-out loss a lie.
+    for i in range(200):
+        (tmp_path / f"img{i:03d}.png").touch()
+    before = _sides(tmp_path)
+    for i in range(200, 220):
+        (tmp_path / f"img{i:03d}.png").touch()
+    grown = _sides(tmp_path)
+    assert {n: grown[n] for n in before} == before
+    for i in range(0, 220, 3):
+        (tmp_path / f"img{i:03d}.png").unlink()
+    shrunk = _sides(tmp_path)
+    assert shrunk == {n: grown[n] for n in shrunk}
+
+
+def test_tiny_folders_still_get_one_heldout_and_one_training_image(tmp_path):
+    for i in range(2):
+        (tmp_path / f"img{i}.png").touch()
+    for fraction in (0.01, 0.5, 0.99):
+        assert sorted(_sides(tmp_path, fraction).values()) == ["held-out", "train"]
 
 
 def test_prepare_counts_corrupt_images_and_caches_latents(tmp_path, tiny_model, monkeypatch):
@@ -123,3 +148,80 @@ def test_prepare_counts_corrupt_images_and_caches_latents(tmp_path, tiny_model, 
     with pytest.raises(pytest.fail.Exception, match="re-encoded"):
         model.prepare_data(cfg, node)
 
+
+
+def test_same_file_name_in_two_subfolders_is_two_images(tmp_path, tiny_model):
+    from app import model
+
+    root = tmp_path / "d"
+    for sub, color in (("a", (255, 0, 0)), ("b", (0, 0, 255)), ("c", (0, 255, 0))):
+        (root / sub).mkdir(parents=True)
+        _image(root / sub / "x.png", color=color)
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{sub}/x.png", "text": text}) + "\n" for sub, text in
+                                                 (("a", "a red square"), ("b", "a blue circle"), ("c", "a green field"))))
+    assert [e.name for e in discover(root, None)] == ["a/x.png", "b/x.png", "c/x.png"]
+
+    cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
+    data = model.prepare_data(cfg, NodeConfig(root, "org-x", None, tmp_path / "cache"))
+    latents = np.concatenate([data.train_latents.numpy(), data.heldout_latents.numpy()])
+    embeds = np.concatenate([data.train_embeds.numpy(), data.heldout_embeds.numpy()])
+    assert len(latents) == 3
+    # Three different images with three different captions, not one of them three times.
+    assert len({row.tobytes() for row in latents}) == 3 and len({row.tobytes() for row in embeds}) == 3
+
+
+def test_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
+    upright = Image.new("RGB", (32, 64), (255, 0, 0))  # portrait: red top half, blue bottom half
+    upright.paste((0, 0, 255), (0, 32, 32, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera stored it turned; viewers rotate it 90° clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    pixels = load_image(tmp_path / "phone.jpg", 32)
+    top, bottom = pixels[:12].mean(axis=(0, 1)), pixels[-12:].mean(axis=(0, 1))
+    assert top[0] > 0.8 and top[2] < -0.8  # red
+    assert bottom[2] > 0.8 and bottom[0] < -0.8  # blue
+
+
+def test_truncated_image_is_skipped_not_fatal(tmp_path):
+    Image.effect_noise((64, 64), 64).convert("RGB").save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
+    assert load_image(tmp_path / "cut.jpg", 32) is None
+
+
+@pytest.mark.parametrize("pixels_over_limit", [1.5, 3])  # past the limit: a warning; past twice: an error
+def test_decompression_bomb_is_skipped_not_fatal(tmp_path, monkeypatch, pixels_over_limit):
+    _image(tmp_path / "bomb.png", size=(64, 64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(64 * 64 / pixels_over_limit))
+    assert load_image(tmp_path / "bomb.png", 32) is None
+
+
+def test_prepare_counts_a_decompression_bomb_and_goes_on(tmp_path, tiny_model, monkeypatch):
+    from app import model
+
+    root = _imagefolder(tmp_path / "d", 4)
+    _image(root / "img3.png", size=(400, 400))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
+    data = model.prepare_data(cfg, NodeConfig(root, "org-x", None, tmp_path / "cache"))
+    assert data.skipped == ["img3.png"] and data.num_train + data.num_heldout == 3
+
+
+def test_two_processes_filling_one_cache_at_once_both_get_their_data(tmp_path, tiny_model, monkeypatch):
+    from app import model
+
+    root = _imagefolder(tmp_path / "d", 4)
+    cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
+    node = NodeConfig(root, "org-x", None, tmp_path / "cache")
+    real_save, saves, other = model.torch.save, [], []
+
+    def save_while_another_process_does_too(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        saves.append(f)
+        if len(saves) == 1:  # the other one writes and renames its cache between our write and our rename
+            other.append(model.prepare_data(cfg, node))
+
+    monkeypatch.setattr(model.torch, "save", save_while_another_process_does_too)
+    mine = model.prepare_data(cfg, node)
+    assert np.array_equal(mine.train_latents.numpy(), other[0].train_latents.numpy())
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".pt"]  # one cache, no temporary left

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,3 +67,51 @@ def test_metrics_learnt_later_are_added_to_the_round(tmp_path):
     out.update_round_metrics(1, {"heldout_loss": 0.25})
     assert out.round_metrics(1)["heldout_loss"] == 0.25
     assert out.history() == [{"round": 1, "heldout_loss": 0.25}]
+
+
+@pytest.mark.parametrize("key,value", [("seed", 1), ("heldout-fraction", 0.2), ("lora-rank", 16)])
+def test_resume_with_settings_that_change_what_is_measured_is_refused(tmp_path, key, value):
+    from app.config import RunConfig
+    from conftest import with_defaults
+
+    def identity(**overrides) -> dict:
+        return RunConfig.from_flower(with_defaults({"output-dir": str(tmp_path)} | overrides)).model_identity
+
+    OutputDir(tmp_path).claim(identity())
+    # The seed picks the held-out images and the evaluation noise: another one makes the held-out
+    # losses of earlier rounds incomparable with later ones.
+    with pytest.raises(ValueError, match=f"'{key}'.*new output-dir"):
+        OutputDir(tmp_path).claim(identity(**{key: value}))
+    OutputDir(tmp_path).claim(identity(**{"num-server-rounds": 50, "local-steps": 7}))  # more rounds: resumes
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_first(tmp_path):
+    import os
+    import socket
+
+    first = OutputDir(tmp_path)
+    first.claim(IDENTITY)
+    with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {os.getpid()} on {socket.gethostname()} "
+                                           r"since .*\).*another output-dir"):
+        OutputDir(tmp_path).claim(IDENTITY)
+    first.release()  # the run ended
+    OutputDir(tmp_path).claim(IDENTITY)
+
+
+def test_the_lock_holds_across_processes_and_ends_with_the_process(tmp_path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from app.outputs import OutputDir; "
+         f"out = OutputDir(__import__('pathlib').Path({str(tmp_path)!r})); out.claim({IDENTITY!r}); "
+         "print('claimed', flush=True); "
+         "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline() == "claimed\n"
+        with pytest.raises(RuntimeError, match=f"pid {holder.pid} "):
+            OutputDir(tmp_path).claim(IDENTITY)
+    finally:
+        holder.communicate("")  # ends the first run
+    OutputDir(tmp_path).claim(IDENTITY)  # no stale lock after the process is gone
