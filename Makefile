@@ -129,9 +129,17 @@ flwr-config: ## Point `flwr run . remote-federation` at this stack's operator li
 	@port=$$($(COMPOSE) port superlink 8000 | sed 's/.*://'); \
 	python3 docker/flwr_connection.py "$(FLWR_CONFIG)" remote-federation "127.0.0.1:$$port" "$(abspath $(CERTS_DIR))/ca.pem"
 
-run: $(FLWR_CLI) ## Start a training run: flwr run . remote-federation --stream (RUN_CONFIG='num-server-rounds=10 ...')
-	$(FLWR_CLI) run . remote-federation --stream $(if $(RUN_CONFIG),--run-config '$(RUN_CONFIG)')
-	@python3 docker/run_status.py $(FLWR_CLI) remote-federation
+# Submit, stream the ServerApp's log, then ask how that run ended: `flwr run --stream` exits 0
+# even when the ServerApp failed (Flower 1.41), and the newest run may be someone else's.
+define submit_run
+	@set -e; run_id=$$($(FLWR_CLI) run . remote-federation --format json $(if $(1),--run-config '$(1)') \
+		| python3 docker/run_status.py --run-id); \
+	$(FLWR_CLI) log $$run_id remote-federation --stream || true; \
+	python3 docker/run_status.py $(FLWR_CLI) remote-federation $$run_id
+endef
+
+run: $(FLWR_CLI) ## Start a training run and follow it: flwr run . remote-federation (RUN_CONFIG='num-server-rounds=10 ...')
+	$(call submit_run,$(RUN_CONFIG))
 
 demo: certs build $(FLWR_CLI) ## Demo without a model hub: tiny model, 3 demo organisations, a 2-round SecAgg+ run over TLS; leaves the stack up
 	mkdir -p models data
@@ -139,8 +147,7 @@ demo: certs build $(FLWR_CLI) ## Demo without a model hub: tiny model, 3 demo or
 		-e HF_HUB_OFFLINE=1 -e HF_HOME=/tmp $(IMAGE_PREFIX)/app:$(IMAGE_TAG) -c "from app.offline import write_tiny_model, write_demo_data; from pathlib import Path; \
 		write_tiny_model(Path('/models/tiny-sd')); write_demo_data(Path('/data'), orgs=3)"
 	$(MAKE) --no-print-directory up
-	$(FLWR_CLI) run . remote-federation --stream --run-config '$(DEMO_RUN_CONFIG)'
-	@python3 docker/run_status.py $(FLWR_CLI) remote-federation
+	$(call submit_run,$(DEMO_RUN_CONFIG))
 	@echo; echo "Outputs of the demo run (on this host):"; \
 	echo "  final adapter:  outputs/demo/final/pytorch_lora_weights.safetensors"; \
 	echo "  sample grids:   outputs/demo/rounds/round-*/samples.png"; \

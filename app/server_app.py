@@ -151,6 +151,7 @@ class Federation:
             self._run()
         finally:
             gauges.run_active.set(0)
+            self.out.release()
 
     def _run(self) -> None:
         cfg = self.cfg
