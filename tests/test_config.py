@@ -23,6 +23,8 @@ def test_defaults_are_valid_and_real():
     ("min-nodes", 1, "secagg\\+ needs at least 2"),
     ("lora-target-modules", " , ", "empty"),
     ("local-steps", "10", "must be int"),
+    ("org-metrics", "hidden", "one of"),
+    ("max-images-per-node", 0, "> 0"),
 ])
 def test_invalid_run_settings(key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -34,3 +36,18 @@ def test_node_config_requires_data_dir_and_org():
         NodeConfig.from_flower({})
     node = NodeConfig.from_flower({"data-dir": "/data", "org": "clinic-a", "cache-dir": "/c"})
     assert str(node.data_dir) == "/data" and node.org == "clinic-a" and node.default_caption is None
+
+
+def test_private_org_metrics_need_secagg():
+    with pytest.raises(ConfigError, match=r'org-metrics="private" needs aggregation="secagg\+" \(got \'fedavg\'\)'):
+        RunConfig.from_flower(with_defaults({"org-metrics": "private", "aggregation": "fedavg"}))
+    assert RunConfig.from_flower(with_defaults({"org-metrics": "private"})).org_metrics == "private"
+    assert RunConfig.from_flower(with_defaults({})).org_metrics == "shared"
+
+
+def test_node_share_metrics_is_a_boolean():
+    base = {"data-dir": "/data", "org": "clinic-a"}
+    assert NodeConfig.from_flower(base).share_metrics is True
+    assert NodeConfig.from_flower(base | {"share-metrics": False}).share_metrics is False
+    with pytest.raises(ConfigError, match="share-metrics' must be true or false"):
+        NodeConfig.from_flower(base | {"share-metrics": "no"})
