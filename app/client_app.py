@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from logging import INFO
+from logging import ERROR, INFO
 
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
@@ -72,8 +72,10 @@ def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarra
     bound = adam_update_bound(cfg.learning_rate, cfg.local_steps)
     worst = max(float(np.max(np.abs(u))) for u in update)
     if not np.isfinite(worst) or worst > bound:
-        raise RuntimeError(f"[{node.org}] update of size {worst:.3g} exceeds the SecAgg+ clipping range {bound:.3g}; "
-                           "it would be clipped. Was the optimizer changed?")
+        # The size stays in this node's log: the error message itself reaches the coordinator.
+        log(ERROR, "[%s] round %d: largest update entry %.3g, train loss %s", node.org, rnd, worst, stats.get("train_loss"))
+        raise RuntimeError(f"[{node.org}] update exceeds the SecAgg+ clipping range {bound:.3g} (or is not finite); "
+                           "it would be clipped. Did training diverge, or was the optimizer changed?")
     report = {"org": node.org, "received_fingerprint": received, "skipped_images": len(data.skipped),
               "heldout_loss": heldout, "num_heldout": data.num_heldout, "eval_seconds": eval_seconds,
               "fit_seconds": time.perf_counter() - t0, **stats}
