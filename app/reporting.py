@@ -99,7 +99,7 @@ def export_round(record: dict[str, Any], online: int, received_bytes: int) -> No
     for org, value in record.get("train_loss_by_org", {}).items():
         orgs.train_loss.labels(org).set(value)
     for org, value in record.get("num_examples_by_org", {}).items():
-        orgs.train_examples.labels(org).set(value)
+        orgs.train_images.labels(org).set(value)
     for org, value in record.get("images_per_second_by_org", {}).items():
         orgs.images_per_second.labels(org).set(value)
     for org, value in record.get("skipped_images_by_org", {}).items():

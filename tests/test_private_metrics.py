@@ -185,13 +185,14 @@ def _server_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool = False, node_config: dict | None = None):
+def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool = False, node_config: dict | None = None,
+                org_prefix: str = "org"):
     cfg = RunConfig.from_flower(with_defaults(run_config))
     ids = list(range(101, 101 + len(nodes)))
     by_id = dict(zip(ids, zip(nodes, updates)))
     app = ClientApp(client_fn=lambda ctx: FixedClient(*by_id[ctx.node_id]).to_client(),
                     mods=[refuse_revealing_runs, secagg_when_asked])
-    contexts = {nid: Context(run_id=1, node_id=nid, node_config={"data-dir": "/d", "org": f"org-{nid}"} | (node_config or {}),
+    contexts = {nid: Context(run_id=1, node_id=nid, node_config={"data-dir": "/d", "org": f"{org_prefix}-{nid}"} | (node_config or {}),
                              state=RecordDict(), run_config=with_defaults(run_config)) for nid in ids}
     grid = InProcessGrid(app, contexts)
     strategy = RoundStrategy(cfg)
@@ -202,7 +203,7 @@ def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool
         proxy = GridClientProxy(node_id=nid, grid=grid, run_id=1)
         clients.register(proxy)
         strategy.participants.append(proxy)
-        strategy.org_of[nid] = f"org-{nid}"
+        strategy.org_of[nid] = f"{org_prefix}-{nid}"
     legacy = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                            config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=clients)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.START_TIME: 0.0, Key.CURRENT_ROUND: 1})
@@ -300,3 +301,31 @@ def test_share_metrics_false_takes_part_in_a_private_run():
     strategy, replies = _run_secagg(PRIVATE, _nodes(3, seed=9), _updates(3, LR, STEPS, seed=9),
                                     node_config={"share-metrics": False})
     assert strategy.fit is not None and not any(r.has_error() for r in replies)
+
+
+@pytest.mark.parametrize("mode", ["shared", "private"])
+def test_what_the_coordinator_records_and_exports(mode):
+    """metrics.jsonl's round line and the coordinator's per-organisation Prometheus series."""
+    from prometheus_client import REGISTRY
+
+    from app import reporting
+
+    nodes = _nodes(3, seed=11)
+    # Prometheus' registry is per process: each mode gets its own organisation names.
+    strategy, _ = _run_secagg(PRIVATE | {"org-metrics": mode}, nodes, _updates(3, LR, STEPS, seed=11), org_prefix=mode)
+    orgs = sorted(strategy.org_of.values())
+    record = reporting.round_record(1, "secagg+", mode, orgs, strategy.fit, {"fit": 1.0, "round": 2.0})
+    reporting.export_round(record, online=3, received_bytes=0)
+    reporting.export_heldout(strategy.fit["heldout"])
+    line = reporting.heldout_log_line(0, strategy.fit["heldout"])[0] % reporting.heldout_log_line(0, strategy.fit["heldout"])[1:]
+    assert record["aggregated"] == orgs and record["num_examples"] == sum(x["n"] for x in nodes)
+    assert REGISTRY.get_sample_value("fedlora_org_rounds_aggregated_total", {"org": orgs[0]}) >= 1
+    revealed = REGISTRY.get_sample_value("fedlora_org_train_images", {"org": orgs[0]})
+    if mode == "shared":
+        assert record["train_loss_by_org"][orgs[0]] == nodes[0]["report"]["train_loss"]
+        assert revealed == nodes[0]["n"] and orgs[0] in line
+    else:
+        assert not [k for k in record if k.endswith("_by_org") or k == "client_seconds"], record
+        assert revealed is None and orgs[0] not in line and "stay private" in line
+        figures = {f"{v:.5f}" for x in nodes for v in (x["report"]["train_loss"], x["report"]["heldout_loss"])}
+        assert not figures & set(str(record).split()), record
