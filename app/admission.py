@@ -96,8 +96,11 @@ class Admission:
             proxy = GridClientProxy(node_id=nid, grid=self.grid, run_id=self.grid.run.run_id)
             self.proxies[nid] = proxy
             self.clients.register(proxy)
-            self.counts[nid] = int(props["num-train"])
             self.org_of[nid] = org
+            if self.cfg.org_metrics == "private":
+                log(INFO, "node of %s ready (org-metrics=private: its image counts stay on the node)", org)
+                continue
+            self.counts[nid] = int(props["num-train"])
             log(INFO, "node of %s ready: %s train / %s held-out images, %s unreadable skipped",
                 org, props["num-train"], props["num-heldout"], props["skipped-images"])
         for error in errors.values():

@@ -8,24 +8,34 @@ Message by message (each in a fresh process under Flower 1.41):
 - evaluate: held-out loss of the final global adapter, which no later fit will measure.
 The SecAgg+ key-exchange stages never reach the client below, so torch is imported only on the
 stages that train or evaluate.
+
+Under org-metrics="private" the node's own figures leave it only inside the SecAgg+ vector: the
+prepare reply carries no counts, the fit reply is re-encoded by `secagg_when_asked` (app/secagg.py's
+`private_vector`) before it is masked, and the final measurement is a fit with "measure-only".
+A node started with share-metrics=false refuses every message of a run that would reveal them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from logging import INFO
+from logging import ERROR, INFO
 
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Context
+from flwr.common import Context, Message, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from . import metrics
-from .config import NodeConfig, RunConfig
-from .secagg import adam_update_bound
+from .config import ConfigError, NodeConfig, RunConfig
+from .secagg import adam_update_bound, private_vector
+
+# What a fit reply may carry in plain under org-metrics="private": the fingerprint of the global
+# weights the node loaded (a hash of what the coordinator sent; it says nothing about the data).
+PUBLIC_FIT_METRICS = ("received_fingerprint",)
 
 
 def round_seed(seed: int, rnd: int, org: str) -> int:
@@ -69,8 +79,10 @@ def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarra
     bound = adam_update_bound(cfg.learning_rate, cfg.local_steps)
     worst = max(float(np.max(np.abs(u))) for u in update)
     if not np.isfinite(worst) or worst > bound:
-        raise RuntimeError(f"[{node.org}] update of size {worst:.3g} exceeds the SecAgg+ clipping range {bound:.3g}; "
-                           "it would be clipped. Was the optimizer changed?")
+        # The size stays in this node's log: the error message itself reaches the coordinator.
+        log(ERROR, "[%s] round %d: largest update entry %.3g, train loss %s", node.org, rnd, worst, stats.get("train_loss"))
+        raise RuntimeError(f"[{node.org}] update exceeds the SecAgg+ clipping range {bound:.3g} (or is not finite); "
+                           "it would be clipped. Did training diverge, or was the optimizer changed?")
     report = {"org": node.org, "received_fingerprint": received, "skipped_images": len(data.skipped),
               "heldout_loss": heldout, "num_heldout": data.num_heldout, "eval_seconds": eval_seconds,
               "fit_seconds": time.perf_counter() - t0, **stats}
@@ -106,10 +118,16 @@ class LoraClient(NumPyClient):
         metrics.IMAGES_SKIPPED.labels(self.node.org).set(len(data.skipped))
         log(INFO, "[%s] data ready: %d train, %d held out, %d unreadable skipped (%.1f s)", self.node.org,
             data.num_train, data.num_heldout, len(data.skipped), time.perf_counter() - t0)
+        if self.cfg.org_metrics == "private":
+            return {"org": self.node.org}
         return {"org": self.node.org, "num-train": data.num_train, "num-heldout": data.num_heldout,
                 "skipped-images": len(data.skipped)}
 
     def fit(self, parameters, config):
+        if config.get("measure-only"):
+            # org-metrics="private": the final adapter's held-out loss, sent through SecAgg+ as a fit.
+            _, _, report = self.evaluate(parameters, config)
+            return [], 0, report
         return local_update(self.cfg, self.node, parameters, int(config["server-round"]))
 
     def evaluate(self, parameters, config):
@@ -124,14 +142,52 @@ class LoraClient(NumPyClient):
         log(INFO, "[%s] round %s: held-out loss %.5f on %d images", self.node.org, config.get("server-round"),
             loss, data.num_heldout)
         return loss, data.num_heldout, {"org": self.node.org, "heldout_loss": loss, "received_fingerprint": received,
-                                        "eval_seconds": time.perf_counter() - t0}
+                                        "eval_seconds": time.perf_counter() - t0, "num_heldout": data.num_heldout,
+                                        "skipped_images": len(data.skipped)}
 
 
-def secagg_when_asked(msg, ctxt, call_next):
-    """secaggplus_mod only understands SecAgg+ train messages; plain FedAvg ones pass it by."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, ctxt, call_next)
+def refuse_revealing_runs(msg, ctxt, call_next):
+    """An organisation started with share-metrics=false takes part only in org-metrics="private" runs.
+
+    Checked on every message, before any work, so that not even the prepare reply goes out. This is
+    the app's own check: it binds an honest coordinator, not one that ships other code."""
+    node = NodeConfig.from_flower(ctxt.node_config)
+    if not node.share_metrics and RunConfig.from_flower(ctxt.run_config).org_metrics != "private":
+        raise ConfigError(
+            f"organisation {node.org} does not reveal its per-organisation metrics (node setting "
+            "share-metrics=false), and this run would: the coordinator must start it with --run-config "
+            "'org-metrics=\"private\"' (which needs aggregation=\"secagg+\")")
     return call_next(msg, ctxt)
 
 
-app = ClientApp(client_fn=lambda context: LoraClient(context).to_client(), mods=[secagg_when_asked])
+def secagg_when_asked(msg, ctxt, call_next):
+    """secaggplus_mod only understands SecAgg+ train messages; plain FedAvg ones pass it by.
+
+    Under org-metrics="private" the client's fit reply is re-encoded before secaggplus_mod masks it:
+    the node's figures move into the vector, its weight becomes 1 and its plain metrics shrink to
+    PUBLIC_FIT_METRICS, because secaggplus_mod forwards the FitRes' num_examples and metrics to the
+    coordinator unmasked (it only clears the arrays)."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, ctxt)
+    cfg = RunConfig.from_flower(ctxt.run_config)
+    if cfg.org_metrics != "private":
+        return secaggplus_mod(msg, ctxt, call_next)
+
+    def private_fit(fit_msg: Message, fit_ctxt: Context) -> Message:
+        reply = call_next(fit_msg, fit_ctxt)
+        if reply.has_error():
+            return reply
+        res = compat.recorddict_to_fitres(reply.content, keep_input=False)
+        vector = private_vector(parameters_to_ndarrays(res.parameters), res.num_examples, res.metrics,
+                                clipping_range=adam_update_bound(cfg.learning_rate, cfg.local_steps),
+                                max_images=cfg.max_images_per_node, round_timeout=cfg.round_timeout)
+        res.parameters = ndarrays_to_parameters(vector)
+        res.num_examples = 1  # QuantizationSettings.private: max_weight 1, every node the same weight
+        res.metrics = {k: res.metrics[k] for k in PUBLIC_FIT_METRICS if k in res.metrics}
+        return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=fit_msg)
+
+    return secaggplus_mod(msg, ctxt, private_fit)
+
+
+app = ClientApp(client_fn=lambda context: LoraClient(context).to_client(),
+                mods=[refuse_revealing_runs, secagg_when_asked])

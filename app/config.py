@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 AGGREGATIONS = ("secagg+", "fedavg")
+ORG_METRICS = ("shared", "private")
 PRECISIONS = ("auto", "no", "bf16")
 
 
@@ -51,6 +52,8 @@ class RunConfig:
     heldout_fraction: float
     eval_timesteps: int
     aggregation: str
+    org_metrics: str
+    max_images_per_node: int
     min_nodes: int
     node_wait_timeout: float
     round_timeout: float
@@ -76,6 +79,8 @@ class RunConfig:
             heldout_fraction=_get(cfg, "heldout-fraction", float),
             eval_timesteps=_get(cfg, "eval-timesteps", int),
             aggregation=_get(cfg, "aggregation", str),
+            org_metrics=_get(cfg, "org-metrics", str),
+            max_images_per_node=_get(cfg, "max-images-per-node", int),
             min_nodes=_get(cfg, "min-nodes", int),
             node_wait_timeout=_get(cfg, "node-wait-timeout", float),
             round_timeout=_get(cfg, "round-timeout", float),
@@ -94,7 +99,7 @@ class RunConfig:
             ("batch-size", self.batch_size), ("local-steps", self.local_steps),
             ("learning-rate", self.learning_rate), ("eval-timesteps", self.eval_timesteps),
             ("node-wait-timeout", self.node_wait_timeout), ("round-timeout", self.round_timeout),
-            ("sample-steps", self.sample_steps),
+            ("sample-steps", self.sample_steps), ("max-images-per-node", self.max_images_per_node),
         ]:
             _positive(key, value)
         if self.resolution % 8:
@@ -114,6 +119,14 @@ class RunConfig:
             raise ConfigError(f"run config 'mixed-precision' must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"run config 'aggregation' must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.org_metrics not in ORG_METRICS:
+            raise ConfigError(f"run config 'org-metrics' must be one of {ORG_METRICS}, got {self.org_metrics!r}")
+        if self.org_metrics == "private" and self.aggregation != "secagg+":
+            # Plain FedAvg hands the coordinator every node's update: hiding its losses would be theatre.
+            raise ConfigError(
+                f"run config org-metrics=\"private\" needs aggregation=\"secagg+\" (got {self.aggregation!r}): "
+                "under plain FedAvg the coordinator sees every organisation's update anyway"
+            )
         # SecAgg+ needs at least two participants to mask anything; Flower refuses fewer.
         if self.min_nodes < (2 if self.aggregation == "secagg+" else 1):
             raise ConfigError(f"run config 'min-nodes' is {self.min_nodes}: secagg+ needs at least 2 (3 to hide anything)")
@@ -147,6 +160,8 @@ class NodeConfig:
     org: str
     default_caption: str | None
     cache_dir: Path
+    # False: the organisation takes part only in runs that keep its own figures from the coordinator.
+    share_metrics: bool = True
 
     @classmethod
     def from_flower(cls, cfg: Mapping[str, Any]) -> NodeConfig:
@@ -160,4 +175,7 @@ class NodeConfig:
             Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "fedlora"
         )
         caption = str(cfg.get("default-caption", "")).strip() or None
-        return cls(Path(str(cfg["data-dir"])), str(cfg["org"]), caption, Path(str(cache)))
+        share = cfg.get("share-metrics", True)
+        if not isinstance(share, bool):
+            raise ConfigError(f"SuperNode --node-config 'share-metrics' must be true or false (unquoted), got {share!r}")
+        return cls(Path(str(cfg["data-dir"])), str(cfg["org"]), caption, Path(str(cache)), share)

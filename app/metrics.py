@@ -109,6 +109,32 @@ def server() -> SimpleNamespace:
     )
 
 
+# --- The coordinator's view of each organisation (ServerApp) ---------------------------------------
+# An organisation on a remote host has an exporter the coordinator cannot scrape; these series are
+# what the ServerApp itself learned. Participation always; figures only from organisations whose
+# figures reached it in plain (org-metrics="shared"), and they keep the last value revealed.
+@functools.cache
+def org_view() -> SimpleNamespace:
+    return SimpleNamespace(
+        rounds_aggregated=Counter("fedlora_org_rounds_aggregated", "Rounds whose aggregate included the "
+                                  "organisation's update.", ["org"]),
+        rounds_failed=Counter("fedlora_org_rounds_failed", "Rounds the organisation was sampled for but "
+                              "not aggregated in (it failed or dropped out).", ["org"]),
+        last_round=_gauge("fedlora_org_last_round_timestamp_seconds", "Unix time of the last round that "
+                          "aggregated the organisation's update.", ("org",)),
+        train_loss=_gauge("fedlora_org_train_loss", "The organisation's train loss in its last round, as "
+                          "revealed to the coordinator.", ("org",)),
+        heldout_loss=_gauge("fedlora_org_heldout_loss", "The organisation's held-out loss of the newest "
+                            "measured adapter, as revealed to the coordinator.", ("org",)),
+        images_per_second=_gauge("fedlora_org_train_images_per_second", "The organisation's training "
+                                 "throughput in its last round, as revealed to the coordinator.", ("org",)),
+        images_skipped=_gauge("fedlora_org_images_skipped", "Unreadable images the organisation skipped, as "
+                              "revealed to the coordinator.", ("org",)),
+        train_images=_gauge("fedlora_org_train_images", "The organisation's training images (its weight in "
+                            "FedAvg), as revealed to the coordinator.", ("org",)),
+    )
+
+
 def update_bytes(num_elements: int, secure: bool) -> int:
     """What one update weighs on the wire: SecAgg+ masks each value into an int64."""
     return num_elements * (8 if secure else 4)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 ADAM_BETAS = (0.9, 0.999)
 MODULUS_RANGE = 2**32  # Flower's mask modulus; it must stay below 2**32+1 (uint32 masks)
 # Flower's stochastic rounding casts to int32, so one client's levels must fit in 2**31.
@@ -73,3 +75,108 @@ class QuantizationSettings:
     def step(self) -> float:
         """One quantization level: the worst-case rounding error of one client's value."""
         return 2 * self.clipping_range / self.quantization_range
+
+    @classmethod
+    def private(cls, learning_rate: float, local_steps: int, num_nodes: int) -> QuantizationSettings:
+        """org-metrics="private": every node joins with weight 1, so no count is needed or sent
+        (see `private_vector`)."""
+        return cls(
+            clipping_range=adam_update_bound(learning_rate, local_steps),
+            max_weight=1.0,
+            quantization_range=min(_MAX_QUANTIZATION_RANGE, (MODULUS_RANGE - 1) // num_nodes),
+        )
+
+    def private_errors(self, num_nodes: int, max_images: int, num_examples: int, num_heldout: int) -> dict[str, float]:
+        """Worst-case errors of what `private_sums` recovers from `num_nodes` nodes.
+
+        Stochastic rounding moves each node's value by less than one level, 2C/Q, so every sum is off
+        by less than k levels; each figure was scaled by C/bound, so its sum is off by < k*(2/Q)*bound.
+        """
+        level = 2 / self.quantization_range  # one level, relative to the clipping range
+        return {
+            "images": num_nodes * level * max_images,  # totals are exact integers while this is < 0.5
+            "train_loss": num_nodes * level * max_images * LOSS_BOUND / max(num_examples, 1),
+            "heldout_loss": num_nodes * level * max_images * LOSS_BOUND / max(num_heldout, 1),
+            "update": num_nodes * level * self.clipping_range * max_images / max(num_examples, 1),
+        }
+
+
+# --- org-metrics="private": federation-wide figures inside the masked vector ------------------------
+#
+# Flower's SecAgg+ reveals one thing: sum_i q_i x_i / sum_i q_i, with q_i = round(n_i/max_weight * Q)
+# from each node's plain num_examples n_i. That weight total is dropped after unmasking, so totals
+# (images, held-out images) could only be estimated from it. Instead every node sends weight 1
+# (max_weight = 1, q_i = Q exactly) and weights its own contributions: the coordinator gets the plain
+# mean over the k aggregated nodes, i.e. k x mean = the SUM of what nodes put in, and nothing else.
+# Each node appends FIGURES to its update, every value scaled into [0, clipping_range] by a bound it
+# checks first (Flower clips silently): with W = max-images-per-node, B = LOSS_BOUND, R = round-timeout,
+#   n/W  h/W  s/W  (train loss * n)/(W*B)  (held-out loss * h)/(W*B)  fit seconds/R  [non-finite flags]
+# and its update times n/W. The coordinator divides sums: N = sum n exactly, the example-weighted train
+# loss sum(T n)/N, the image-weighted held-out loss sum(L h)/H, the example-weighted update.
+
+# Held-out and train losses are noise-prediction MSE against unit-variance noise: predicting zero
+# scores 1.0. A loss above 10 means training diverged; a node refuses to send it rather than have it
+# clipped into a wrong federated figure. A NaN/Inf loss is sent as a flag, so the federated loss turns
+# NaN (and FedloraNonFiniteLoss fires) as it would with shared figures.
+LOSS_BOUND = 10.0
+FIGURES = ("train_images", "heldout_images", "skipped_images", "train_loss_x_images", "heldout_loss_x_images",
+           "fit_seconds", "train_loss_nonfinite", "heldout_loss_nonfinite")
+
+
+class PrivateBoundError(ValueError):
+    """A node's figure is outside the bound that keeps SecAgg+ from clipping it."""
+
+
+def private_vector(update: list[np.ndarray], num_train: int, report: dict, *, clipping_range: float,
+                   max_images: int, round_timeout: float) -> list[np.ndarray]:
+    """Node side: [update * n/W ..., FIGURES], every value within [-clipping_range, clipping_range].
+
+    `update` may be empty (the final measurement sends figures only). Refusals name the bound, never
+    the node's value: the error message reaches the coordinator.
+    """
+    org = report.get("org", "this node")
+    n, h, s = num_train, int(report["num_heldout"]), int(report["skipped_images"])
+    if n + h + s > max_images:
+        raise PrivateBoundError(
+            f"[{org}] holds more images than the run setting max-images-per-node={max_images} allows; the "
+            "coordinator must raise it (org-metrics=\"private\" scales every figure by that bound)")
+    losses = {}
+    for key, count in (("train_loss", n), ("heldout_loss", h)):
+        value = float(report.get(key, 0.0)) if count else 0.0
+        if math.isfinite(value) and not 0 <= value <= LOSS_BOUND:
+            raise PrivateBoundError(f"[{org}] {key.replace('_', ' ')} is outside [0, {LOSS_BOUND:g}]: training "
+                                    "diverged; lower the learning rate (org-metrics=\"private\" cannot send it)")
+        losses[key] = (value * count, 0.0) if math.isfinite(value) else (0.0, 1.0)
+    seconds = float(report.get("fit_seconds", 0.0))
+    if not 0 <= seconds <= round_timeout:
+        raise PrivateBoundError(f"[{org}] took longer than round-timeout={round_timeout:g} s; its reply is too late")
+    figures = np.array([
+        n / max_images, h / max_images, s / max_images,
+        losses["train_loss"][0] / (max_images * LOSS_BOUND), losses["heldout_loss"][0] / (max_images * LOSS_BOUND),
+        seconds / round_timeout, losses["train_loss"][1], losses["heldout_loss"][1],
+    ], dtype=np.float64) * clipping_range
+    # |update| <= clipping_range is checked by the node before (adam_update_bound); n/W <= 1 keeps it so.
+    return [u.astype(np.float64) * (n / max_images) for u in update] + [figures]
+
+
+def private_sums(mean: list[np.ndarray], num_nodes: int, *, clipping_range: float, max_images: int,
+                 round_timeout: float) -> tuple[list[np.ndarray], dict[str, float | int | None]]:
+    """Coordinator side: the example-weighted update and federation-wide figures from the unmasked mean
+    of `num_nodes` private vectors."""
+    *scaled, fig = mean
+    sums = dict(zip(FIGURES, num_nodes * np.asarray(fig, np.float64) / clipping_range))
+    images = {key: int(round(sums[key] * max_images)) for key in FIGURES[:3]}
+    n, h = images["train_images"], images["heldout_images"]
+
+    def mean_loss(key: str, count: int) -> float | None:
+        if sums[f"{key}_nonfinite"] >= 0.5:  # at least one node's loss was NaN or infinite
+            return float("nan")
+        return float(sums[f"{key}_x_images"] * max_images * LOSS_BOUND / count) if count else None
+
+    update = [a * (num_nodes * max_images / n) for a in scaled] if n else []
+    return update, {
+        "num_examples": n, "num_heldout": h, "skipped_images": images["skipped_images"],
+        "train_loss": mean_loss("train_loss", n), "heldout_loss": mean_loss("heldout_loss", h),
+        "fit_seconds_mean": float(sums["fit_seconds"] * round_timeout / num_nodes),
+        "nonfinite_losses": int(round(sums["train_loss_nonfinite"] + sums["heldout_loss_nonfinite"])),
+    }

@@ -5,12 +5,14 @@ nodes, and a round SecAgg+ could not aggregate is only logged while the run ends
 So this loop drives Flower's own per-round workflows itself:
 
     prepare   every admitted node (app/admission.py: organisation from its key's registration)
-              encodes its data once and reports its example count
+              encodes its data once and reports its example count (none under
+              org-metrics="private", where nodes' figures only travel inside the SecAgg+ vector)
     round 0   the initial adapter (equal to the base model) and samples of it
     round r   fit (SecAgg+ or plain FedAvg): each node first measures the held-out loss of the
               adapter it received (round r-1's), then trains; the round must aggregate, or the
               run fails; checkpoint adapter + metrics + samples; a restart resumes after it
-    end       one evaluate stage measures the last adapter, which no later fit receives
+    end       one evaluate stage measures the last adapter, which no later fit receives (under
+              org-metrics="private": a SecAgg+ fit that only measures, so losses stay masked)
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
-from . import metrics
+from . import metrics, reporting
 from .admission import Admission, RunFailed
 from .config import RunConfig
 from .outputs import OutputDir
-from .secagg import QuantizationSettings
+from .secagg import QuantizationSettings, adam_update_bound, private_sums
 
 class TimeoutGrid:
     """The grid with a default reply timeout, so that no stage waits forever for a lost node."""
@@ -53,36 +55,28 @@ class TimeoutGrid:
         return getattr(self._grid, name)
 
 
-def _weighted(values: list[tuple[float, int]]) -> float:
-    return float(sum(v * n for v, n in values) / sum(n for _, n in values))
-
-
-def _heldout(by_org: dict[str, dict], count_key: str) -> dict[str, Any]:
-    """Held-out loss of one adapter, weighted by each node's held-out images."""
-    return {
-        "heldout_loss": _weighted([(m["heldout_loss"], m[count_key]) for m in by_org.values()]),
-        "heldout_loss_by_org": {o: m["heldout_loss"] for o, m in by_org.items()},
-        "client_eval_seconds": {o: m["eval_seconds"] for o, m in by_org.items()},
-    }
-
-
 class RoundStrategy(Strategy):
     """Sends each stage to exactly the round's participants; turns the averaged update into the
     next global adapter. Under SecAgg+ every result carries the same already-averaged update."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
         self.participants: list[ClientProxy] = []
         self.org_of: dict[int, str] = {}
         self.global_arrays: list[np.ndarray] = []
         self.fit: dict[str, Any] | None = None
         self.eval: dict[str, Any] | None = None
+        # org-metrics="private": the final adapter is measured by a SecAgg+ fit that trains nothing.
+        self.measure_only = False
 
     def initialize_parameters(self, client_manager):
         return ndarrays_to_parameters(self.global_arrays)
 
     def configure_fit(self, server_round, parameters, client_manager):
         self.fit = None
-        ins = FitIns(parameters, {"server-round": server_round})
+        if self.measure_only:
+            self.eval = None
+        ins = FitIns(parameters, {"server-round": server_round} | ({"measure-only": True} if self.measure_only else {}))
         return [(proxy, ins) for proxy in self.participants]
 
     def aggregate_fit(self, server_round, results: list[tuple[ClientProxy, FitRes]], failures):
@@ -90,20 +84,38 @@ class RoundStrategy(Strategy):
             log(ERROR, "round %d: a node failed: %s", server_round, getattr(failure, "status", failure))
         if not results:
             return None, {}
-        total = sum(res.num_examples for _, res in results)
-        update = [np.zeros(g.shape, np.float64) for g in self.global_arrays]
-        for _, res in results:
-            for acc, arr in zip(update, parameters_to_ndarrays(res.parameters)):
-                acc += arr.astype(np.float64) * (res.num_examples / total)
+        by_proxy = {self.org_of[proxy.node_id]: res for proxy, res in results}
+        if self.cfg.org_metrics == "private":
+            # Every result carries the same unmasked mean of the nodes' private vectors.
+            update, federated = private_sums(
+                parameters_to_ndarrays(results[0][1].parameters), len(results),
+                clipping_range=adam_update_bound(self.cfg.learning_rate, self.cfg.local_steps), max_images=self.cfg.max_images_per_node,
+                round_timeout=self.cfg.round_timeout)
+            by_org = None
+            if federated["nonfinite_losses"]:
+                log(ERROR, "round %d: %d non-finite loss(es) among the nodes' figures", server_round,
+                    federated["nonfinite_losses"])
+        else:
+            by_org = {org: dict(res.metrics) | {"num_examples": res.num_examples} for org, res in by_proxy.items()}
+            total = sum(res.num_examples for _, res in results)
+            update = [np.zeros(g.shape, np.float64) for g in self.global_arrays]
+            for _, res in results:
+                for acc, arr in zip(update, parameters_to_ndarrays(res.parameters)):
+                    acc += arr.astype(np.float64) * (res.num_examples / total)
+            federated = reporting.shared_figures(by_org)
+        heldout = reporting.shared_heldout(by_org) if by_org else reporting.private_heldout(federated)
+        if self.measure_only:
+            self.eval = heldout
+            return None, {}
         self.global_arrays = [(g + u).astype(np.float32) for g, u in zip(self.global_arrays, update)]
         self.fit = {
-            "orgs": sorted(self.org_of[p.node_id] for p, _ in results),
-            "num_examples": total,
+            "orgs": sorted(by_proxy),
             "update_norm": float(np.sqrt(sum(float(np.sum(u * u)) for u in update))),
-            "metrics": {str(res.metrics["org"]): dict(res.metrics) | {"num_examples": res.num_examples}
-                        for _, res in results},
+            "fingerprints": {org: str(res.metrics["received_fingerprint"]) for org, res in by_proxy.items()},
+            "federated": federated,
+            "by_org": by_org,
+            "heldout": heldout,
         }
-        self.fit["heldout"] = _heldout(self.fit["metrics"], "num_heldout")
         return ndarrays_to_parameters(self.global_arrays), {}
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -116,8 +128,8 @@ class RoundStrategy(Strategy):
             log(ERROR, "round %d: evaluation failed on a node: %s", server_round, getattr(failure, "status", failure))
         if not results:
             return None, {}
-        self.eval = _heldout({str(res.metrics["org"]): dict(res.metrics) | {"num_heldout": res.num_examples}
-                              for _, res in results}, "num_heldout")
+        self.eval = reporting.shared_heldout({self.org_of[p.node_id]: dict(res.metrics) | {"num_heldout": res.num_examples}
+                                              for p, res in results})
         return self.eval["heldout_loss"], {}
 
     def evaluate(self, server_round, parameters):
@@ -129,13 +141,14 @@ class Federation:
         self.cfg = cfg
         self.grid = TimeoutGrid(grid, cfg.round_timeout)
         self.out = OutputDir(cfg.output_dir)
-        self.strategy = RoundStrategy()
+        self.strategy = RoundStrategy(cfg)
         self.clients = SimpleClientManager()
         self.legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.num_rounds),
                                     strategy=self.strategy, client_manager=self.clients)
         self.round_cfg = ConfigRecord({Key.START_TIME: time.time(), Key.CURRENT_ROUND: 0})
         self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = self.round_cfg
         self.admission = Admission(self.grid, self.clients, cfg, self.strategy.org_of)
+        self.quant: QuantizationSettings | None = None  # this round's SecAgg+ settings
         self.secagg = SecAggPlusWorkflow(
             # Every participant holds a share of every other's key; any 2/3 of them can unmask
             # the sum when a node drops out mid-round.
@@ -197,7 +210,7 @@ class Federation:
                     "The SuperNode logs name the failing node; the last good adapter is in "
                     f"{self.out.round_dir(rnd - 1)} and a new run with the same output-dir resumes there."
                 )
-            self._check_received(rnd, sent, self.strategy.fit["metrics"])
+            self._check_received(rnd, sent, self.strategy.fit["fingerprints"])
             # Nodes measured the adapter they received, i.e. the previous round's result.
             self._record_heldout(rnd - 1, self.strategy.fit["heldout"])
             record = self._round_metrics(rnd, {"fit": fit_seconds})
@@ -213,7 +226,16 @@ class Federation:
             self.round_cfg[Key.CURRENT_ROUND] = last
             self.strategy.participants = self.admission.participants(last)
             t0 = time.perf_counter()
-            default_evaluate_workflow(self.grid, self.legacy)
+            if cfg.org_metrics == "private":
+                # An evaluate reply would carry each node's loss in plain: measure inside SecAgg+.
+                self.strategy.measure_only = True
+                self._configure_secagg()
+                try:
+                    self.secagg(self.grid, self.legacy)
+                finally:
+                    self.strategy.measure_only = False
+            else:
+                default_evaluate_workflow(self.grid, self.legacy)
             if self.strategy.eval is None:
                 raise RunFailed(f"no node could evaluate the final adapter of round {last}; see the SuperNode logs")
             self._record_heldout(last, self.strategy.eval, stage_seconds=time.perf_counter() - t0)
@@ -223,26 +245,14 @@ class Federation:
         log(INFO, "final adapter: %s", final)
 
     def _export_round(self, record: dict[str, Any]) -> None:
-        gauges = metrics.server()
-        client = max(s["fit"] for s in record["client_seconds"].values())  # the slowest node gates the round
-        gauges.rounds_completed.inc()
-        gauges.round_seconds.observe(record["seconds"]["round"])
-        gauges.phase_seconds.labels("client_compute").inc(client)
-        gauges.phase_seconds.labels("other").inc(max(0.0, record["seconds"]["round"] - client))
-        sampled, responded = len(record["participants"]), len(record["aggregated"])
-        for state, n in [("online", len(list(self.grid.get_node_ids()))), ("sampled", sampled),
-                         ("responded", responded), ("dropped", sampled - responded)]:
-            gauges.nodes.labels(state).set(n)
-        gauges.train_loss.set(record["train_loss"])
-        gauges.update_norm.set(record["update_norm"])
         size = sum(a.size for a in self.strategy.global_arrays)
-        gauges.received_bytes.inc(responded * metrics.update_bytes(size, self.secagg is not None))
+        reporting.export_round(record, online=len(list(self.grid.get_node_ids())),
+                               received_bytes=len(record["aggregated"]) * metrics.update_bytes(size, self.secagg is not None))
 
     def _record_heldout(self, rnd: int, heldout: dict[str, Any], stage_seconds: float | None = None) -> None:
-        metrics.server().heldout_loss.set(heldout["heldout_loss"])
+        reporting.export_heldout(heldout)
         self.out.update_round_metrics(rnd, heldout | ({"evaluate_stage_seconds": stage_seconds} if stage_seconds else {}))
-        log(INFO, "round %d adapter: held-out loss %.5f (%s)", rnd, heldout["heldout_loss"],
-            ", ".join(f"{o} {v:.5f}" for o, v in sorted(heldout["heldout_loss_by_org"].items())))
+        log(INFO, *reporting.heldout_log_line(rnd, heldout))
 
     def _set_global(self) -> None:
         params = ndarrays_to_parameters(self.strategy.global_arrays)
@@ -251,8 +261,16 @@ class Federation:
     def _configure_secagg(self) -> dict[str, float] | None:
         if not self.secagg:
             return None
-        counts = [self.admission.counts[p.node_id] for p in self.strategy.participants]
-        q = QuantizationSettings.for_round(self.cfg.learning_rate, self.cfg.local_steps, counts)
+        if self.cfg.org_metrics == "private":
+            # No counts: every node joins with weight 1 and weights its own vector (app/secagg.py).
+            k = len(self.strategy.participants)
+            q = QuantizationSettings.private(self.cfg.learning_rate, self.cfg.local_steps, k)
+            if q.private_errors(k, self.cfg.max_images_per_node, 1, 1)["images"] >= 0.5:
+                raise RunFailed(f"max-images-per-node={self.cfg.max_images_per_node} is too large for {k} nodes: "
+                                "federated image counts would no longer be exact. Lower it.")
+        else:
+            counts = [self.admission.counts[p.node_id] for p in self.strategy.participants]
+            q = QuantizationSettings.for_round(self.cfg.learning_rate, self.cfg.local_steps, counts)
         # The workflow reads these at the start of each round's setup stage.
         self.secagg.clipping_range = q.clipping_range
         self.secagg.max_weight = q.max_weight
@@ -260,31 +278,26 @@ class Federation:
         self.secagg.modulus_range = q.modulus_range
         log(INFO, "SecAgg+ quantization: clipping range %.3g, max weight %d, %d levels (step %.2g)",
             q.clipping_range, q.max_weight, q.quantization_range, q.step)
+        self.quant = q
         return {"clipping_range": q.clipping_range, "max_weight": q.max_weight,
                 "quantization_range": q.quantization_range, "step": q.step}
 
-    def _check_received(self, rnd: int, sent: str, metrics: dict[str, dict]) -> None:
-        wrong = {org: m["received_fingerprint"] for org, m in metrics.items() if m["received_fingerprint"] != sent}
+    def _check_received(self, rnd: int, sent: str, fingerprints: dict[str, str]) -> None:
+        wrong = {org: fp for org, fp in fingerprints.items() if fp != sent}
         if wrong:
             raise RunFailed(f"round {rnd}: {sorted(wrong)} trained from weights other than the global adapter "
                             f"sent ({sent} sent, {wrong} loaded)")
 
     def _round_metrics(self, rnd: int, seconds: dict[str, float]) -> dict[str, Any]:
         fit = self.strategy.fit
-        by_org = fit["metrics"]
-        return {
-            "round": rnd, "aggregation": self.cfg.aggregation,
-            "participants": sorted(self.strategy.org_of[p.node_id] for p in self.strategy.participants),
-            "aggregated": fit["orgs"], "num_examples": fit["num_examples"], "update_norm": fit["update_norm"],
-            "train_loss": _weighted([(m["train_loss"], m["num_examples"]) for m in by_org.values()]),
-            "heldout_loss": None,  # measured by the nodes that receive this adapter next
-            "train_loss_by_org": {o: m["train_loss"] for o, m in by_org.items()},
-            "received_fingerprints": {o: m["received_fingerprint"] for o, m in by_org.items()},
-            "skipped_images_by_org": {o: m["skipped_images"] for o, m in by_org.items()},
-            "images_per_second_by_org": {o: m["images_per_second"] for o, m in by_org.items()},
-            "client_seconds": {o: {"fit": m["fit_seconds"], "train": m["train_seconds"]} for o, m in by_org.items()},
-            "seconds": seconds,
-        }
+        record = reporting.round_record(
+            rnd, self.cfg.aggregation, self.cfg.org_metrics,
+            sorted(self.strategy.org_of[p.node_id] for p in self.strategy.participants), fit, seconds)
+        if self.cfg.org_metrics == "private":
+            # Worst-case errors of this round's federated figures (app/secagg.py, private_errors).
+            record["private_errors"] = self.quant.private_errors(
+                len(fit["orgs"]), self.cfg.max_images_per_node, record["num_examples"], fit["heldout"]["num_heldout"])
+        return record
 
     def _checkpoint(self, rnd, metrics, sampler, samples_now: bool, round_started: float | None = None) -> None:
         t0 = time.perf_counter()

@@ -25,6 +25,8 @@ def test_defaults_are_valid_and_real():
     ("local-steps", "10", "must be int"),
     # Training in fp16 without loss scaling lets small gradients underflow to zero.
     ("mixed-precision", "fp16", "fp16.*loss scaling.*'bf16'.*'no'"),
+    ("org-metrics", "hidden", "one of"),
+    ("max-images-per-node", 0, "> 0"),
 ])
 def test_invalid_run_settings(key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -56,3 +58,18 @@ def test_precision_picked_for_training(monkeypatch, gpu, asked, expected):
     device, dtype = model.device_and_dtype(asked)
     assert device.type == ("cuda" if gpu else "cpu")
     assert dtype == (getattr(torch, expected) if expected else None)
+
+
+def test_private_org_metrics_need_secagg():
+    with pytest.raises(ConfigError, match=r'org-metrics="private" needs aggregation="secagg\+" \(got \'fedavg\'\)'):
+        RunConfig.from_flower(with_defaults({"org-metrics": "private", "aggregation": "fedavg"}))
+    assert RunConfig.from_flower(with_defaults({"org-metrics": "private"})).org_metrics == "private"
+    assert RunConfig.from_flower(with_defaults({})).org_metrics == "shared"
+
+
+def test_node_share_metrics_is_a_boolean():
+    base = {"data-dir": "/data", "org": "clinic-a"}
+    assert NodeConfig.from_flower(base).share_metrics is True
+    assert NodeConfig.from_flower(base | {"share-metrics": False}).share_metrics is False
+    with pytest.raises(ConfigError, match="share-metrics' must be true or false"):
+        NodeConfig.from_flower(base | {"share-metrics": "no"})

@@ -374,12 +374,15 @@ ALERT_UNIT_TESTS = [
             _series('fedlora_heldout_loss{org="org-2"}', _repeat("0.6", 10)),
             _series("fedlora_federated_train_loss", _repeat("-Inf", 10)),
             _series("fedlora_federated_heldout_loss", _repeat("0.4", 10)),
+            _series('fedlora_org_heldout_loss{org="org-3"}', _repeat("NaN", 10)),
+            _series('fedlora_org_train_loss{org="org-3"}', _repeat("0.5", 10)),
         ],
         "alert_rule_test": [
             {"eval_time": "5m", "alertname": "FedloraNonFiniteLoss", "exp_alerts": [
                 {"exp_labels": {"severity": "critical", "org": "org-1", "loss": "train_loss"}},
                 {"exp_labels": {"severity": "critical", "org": "org-1", "loss": "heldout_loss"}},
                 {"exp_labels": {"severity": "critical", "loss": "federated_train_loss"}},
+                {"exp_labels": {"severity": "critical", "org": "org-3", "loss": "org_heldout_loss"}},
             ]},
         ],
     },

@@ -7,6 +7,7 @@ that must fail, then nodes that must be refused.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -156,6 +157,45 @@ def test_plain_fedavg_run(fed, tiny_model, tmp_path):
     h = history(tmp_path)
     assert h[1]["aggregation"] == "fedavg" and h[1]["aggregated"] == list(ORGS)
     assert h[1]["heldout_loss"] < h[0]["heldout_loss"]
+
+
+def test_private_org_metrics_run(fed, tiny_model, demo_data, tmp_path):
+    """org-metrics="private": the coordinator's log and metrics.jsonl hold no organisation's loss or
+    count, and the federated figures still equal what shared figures give, within the precision
+    the run records (each organisation's figures are recomputed outside the federation)."""
+    from app.client_app import local_update
+
+    out = tmp_path / "private"
+    run_cfg = tiny_run_config(tiny_model, out, **{"org-metrics": "private", "sample-every": 0})
+    result = fed.run_app(run_cfg)
+    log = result.stdout + result.stderr
+    assert fed.last_run_status() == "finished:completed", log[-3000:]
+    h = history(out)
+    assert sorted(h) == [0, 1, 2]
+    for m in h.values():
+        private_keys = [k for k in m if k.endswith("_by_org") or k in ("client_seconds", "client_eval_seconds")]
+        assert not private_keys, m
+    # The log names organisations (participation) but never next to a loss or an image count.
+    assert "ready (org-metrics=private" in log and "train / " not in log
+    assert not re.search(r"org-\d\W+\d+\.\d", log), re.findall(r".*org-\d\W+\d+\.\d.*", log)
+
+    cfg = RunConfig.from_flower(with_defaults(run_cfg))
+    for rnd in (1, 2, 3):  # round 3 only measures round 2's adapter, as the final stage did
+        received = adapter(out, rnd - 1)
+        reports, counts = [], []
+        for org in ORGS:
+            node = NodeConfig(demo_data / org, org, None, tmp_path / f"recompute-{org}")
+            _, n, report = local_update(cfg, node, received, rnd)
+            reports.append(report)
+            counts.append(n)
+        heldout = sum(r["heldout_loss"] * r["num_heldout"] for r in reports) / sum(r["num_heldout"] for r in reports)
+        errors = h[min(rnd, 2)]["private_errors"]
+        assert h[rnd - 1]["num_heldout"] == sum(r["num_heldout"] for r in reports)
+        assert abs(h[rnd - 1]["heldout_loss"] - heldout) <= errors["heldout_loss"] + 1e-6, (rnd, h[rnd - 1], heldout)
+        if rnd <= 2:
+            assert h[rnd]["num_examples"] == sum(counts) and h[rnd]["aggregated"] == list(ORGS)
+            train = sum(r["train_loss"] * n for r, n in zip(reports, counts)) / sum(counts)
+            assert abs(h[rnd]["train_loss"] - train) <= errors["train_loss"] + 1e-6, (rnd, h[rnd]["train_loss"], train)
 
 
 def test_node_without_the_federation_ca_is_refused(fed, tmp_path):

@@ -1,0 +1,121 @@
+"""What the coordinator learns from a round, and what it writes down: logs, metrics.jsonl, Prometheus.
+
+org-metrics="shared": every node's figures arrive in plain (its fit and evaluate replies); the
+federated figures are weighted means of them, and the per-organisation ones are kept too.
+org-metrics="private": only federation-wide sums arrive, unmasked from the SecAgg+ vector
+(app/secagg.py's private_sums); nothing here is keyed by organisation except participation, which
+the coordinator sees anyway (who replied to which message).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import metrics
+
+
+def weighted(values: list[tuple[float, int]]) -> float:
+    return float(sum(v * n for v, n in values) / sum(n for _, n in values))
+
+
+def shared_heldout(by_org: dict[str, dict]) -> dict[str, Any]:
+    """Held-out loss of one adapter, weighted by each node's held-out images."""
+    return {
+        "heldout_loss": weighted([(m["heldout_loss"], m["num_heldout"]) for m in by_org.values()]),
+        "num_heldout": sum(int(m["num_heldout"]) for m in by_org.values()),
+        "heldout_loss_by_org": {o: m["heldout_loss"] for o, m in by_org.items()},
+        "client_eval_seconds": {o: m["eval_seconds"] for o, m in by_org.items()},
+    }
+
+
+def private_heldout(federated: dict[str, Any]) -> dict[str, Any]:
+    return {"heldout_loss": federated["heldout_loss"], "num_heldout": federated["num_heldout"]}
+
+
+def shared_figures(by_org: dict[str, dict]) -> dict[str, Any]:
+    """The federation-wide figures of a fit stage, from each node's plain report."""
+    return {
+        "num_examples": sum(m["num_examples"] for m in by_org.values()),
+        "train_loss": weighted([(m["train_loss"], m["num_examples"]) for m in by_org.values()]),
+        "skipped_images": sum(int(m["skipped_images"]) for m in by_org.values()),
+    }
+
+
+def round_record(rnd: int, aggregation: str, org_metrics: str, participants: list[str], fit: dict[str, Any],
+                 seconds: dict[str, float]) -> dict[str, Any]:
+    """The round's line in metrics.jsonl. Under org-metrics="private" it holds no per-organisation
+    figure: only who took part, the weights' fingerprints (a hash of what the coordinator sent), and
+    federation-wide figures."""
+    federated, by_org = fit["federated"], fit["by_org"]
+    record = {
+        "round": rnd, "aggregation": aggregation, "org_metrics": org_metrics, "participants": participants,
+        "aggregated": fit["orgs"], "num_examples": federated["num_examples"], "update_norm": fit["update_norm"],
+        "train_loss": federated["train_loss"],
+        "heldout_loss": None,  # measured by the nodes that receive this adapter next
+        "received_fingerprints": fit["fingerprints"],
+        "skipped_images": federated["skipped_images"],
+        "seconds": seconds,
+    }
+    if by_org is None:
+        record["client_seconds_mean"] = {"fit": federated["fit_seconds_mean"]}
+        return record
+    return record | {
+        "train_loss_by_org": {o: m["train_loss"] for o, m in by_org.items()},
+        "num_examples_by_org": {o: m["num_examples"] for o, m in by_org.items()},
+        "skipped_images_by_org": {o: m["skipped_images"] for o, m in by_org.items()},
+        "images_per_second_by_org": {o: m["images_per_second"] for o, m in by_org.items()},
+        "client_seconds": {o: {"fit": m["fit_seconds"], "train": m["train_seconds"]} for o, m in by_org.items()},
+    }
+
+
+def export_round(record: dict[str, Any], online: int, received_bytes: int) -> None:
+    """Prometheus, from the coordinator's view of one round."""
+    gauges = metrics.server()
+    if "client_seconds" in record:  # the slowest node gates the round
+        client = max(s["fit"] for s in record["client_seconds"].values())
+    else:  # org-metrics="private": only the mean node's compute is known
+        client = record["client_seconds_mean"]["fit"]
+    gauges.rounds_completed.inc()
+    gauges.round_seconds.observe(record["seconds"]["round"])
+    gauges.phase_seconds.labels("client_compute").inc(client)
+    gauges.phase_seconds.labels("other").inc(max(0.0, record["seconds"]["round"] - client))
+    sampled, responded = len(record["participants"]), len(record["aggregated"])
+    for state, n in [("online", online), ("sampled", sampled), ("responded", responded),
+                     ("dropped", sampled - responded)]:
+        gauges.nodes.labels(state).set(n)
+    gauges.train_loss.set(record["train_loss"])
+    gauges.update_norm.set(record["update_norm"])
+    gauges.received_bytes.inc(received_bytes)
+
+    # Participation is what the coordinator sees in any mode: who answered this round's messages.
+    orgs = metrics.org_view()
+    for org in record["participants"]:
+        if org in record["aggregated"]:
+            orgs.rounds_aggregated.labels(org).inc()
+            orgs.last_round.labels(org).set_to_current_time()
+        else:
+            orgs.rounds_failed.labels(org).inc()
+    # Figures only for organisations that revealed them (org-metrics="shared").
+    for org, value in record.get("train_loss_by_org", {}).items():
+        orgs.train_loss.labels(org).set(value)
+    for org, value in record.get("num_examples_by_org", {}).items():
+        orgs.train_images.labels(org).set(value)
+    for org, value in record.get("images_per_second_by_org", {}).items():
+        orgs.images_per_second.labels(org).set(value)
+    for org, value in record.get("skipped_images_by_org", {}).items():
+        orgs.images_skipped.labels(org).set(value)
+
+
+def export_heldout(heldout: dict[str, Any]) -> None:
+    metrics.server().heldout_loss.set(heldout["heldout_loss"])
+    orgs = metrics.org_view()
+    for org, value in heldout.get("heldout_loss_by_org", {}).items():
+        orgs.heldout_loss.labels(org).set(value)
+
+
+def heldout_log_line(rnd: int, heldout: dict[str, Any]) -> tuple:
+    """The log line for one adapter's held-out loss: per organisation only where they were revealed."""
+    by_org = heldout.get("heldout_loss_by_org")
+    detail = ", ".join(f"{o} {v:.5f}" for o, v in sorted(by_org.items())) if by_org else \
+        f"{heldout['num_heldout']} held-out images; per-organisation losses stay private"
+    return "round %d adapter: held-out loss %.5f (%s)", rnd, heldout["heldout_loss"], detail
