@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime as dt
 import email.utils
 import hashlib
 import os

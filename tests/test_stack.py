@@ -344,6 +344,11 @@ def test_an_organisation_joins_from_its_own_host_through_the_join_kit(stack, run
             capture_output=True, text=True).stdout, result.stdout[-4000:]
         rounds = [json.loads(line) for line in (root / "outputs" / "four" / "metrics.jsonl").read_text().splitlines()]
         assert rounds[1]["aggregation"] == "secagg+" and rounds[1]["aggregated"] == [*ORGS, org]
+        # Nobody scrapes the organisation's host: the coordinator's ServerApp reports it.
+        deadline = time.monotonic() + 30
+        while not promql(stack, f'fedlora_org_rounds_aggregated_total{{org="{org}", role="serverapp"}} >= 1'):
+            assert time.monotonic() < deadline, promql(stack, "fedlora_org_rounds_aggregated_total")
+            time.sleep(2)
     finally:
         assert make("join-down").returncode == 0
     # Leaving deactivates the node at once: the coordinator's view follows within a scrape.
