@@ -308,7 +308,7 @@ def test_name_not_in_the_certificate_says_which_names_are(link):
     assert results["reachable"][0] == "ok"
     status, detail = results["tls"]
     assert status == "FAILED" and "does not cover '127.0.0.2'" in detail and "does not chain" not in detail
-    assert "it covers: superlink, localhost, 127.0.0.1" in detail and "make certs" in detail
+    assert "it covers: superlink, gateway, localhost, 127.0.0.1" in detail and "make certs" in detail
 
 
 @pytest.mark.federation
