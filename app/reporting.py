@@ -90,6 +90,9 @@ def export_round(record: dict[str, Any], online: int, received_bytes: int) -> No
     # Participation is what the coordinator sees in any mode: who answered this round's messages.
     orgs = metrics.org_view()
     for org in record["participants"]:
+        # Both series exist from an organisation's first round on: 0 is a value, absent is not.
+        orgs.rounds_aggregated.labels(org)
+        orgs.rounds_failed.labels(org)
         if org in record["aggregated"]:
             orgs.rounds_aggregated.labels(org).inc()
             orgs.last_round.labels(org).set_to_current_time()

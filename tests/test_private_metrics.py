@@ -320,6 +320,8 @@ def test_what_the_coordinator_records_and_exports(mode):
     line = reporting.heldout_log_line(0, strategy.fit["heldout"])[0] % reporting.heldout_log_line(0, strategy.fit["heldout"])[1:]
     assert record["aggregated"] == orgs and record["num_examples"] == sum(x["n"] for x in nodes)
     assert REGISTRY.get_sample_value("fedlora_org_rounds_aggregated_total", {"org": orgs[0]}) >= 1
+    # A counter that never failed is 0, not absent: dashboards and rate() need the series.
+    assert REGISTRY.get_sample_value("fedlora_org_rounds_failed_total", {"org": orgs[0]}) == 0
     revealed = REGISTRY.get_sample_value("fedlora_org_train_images", {"org": orgs[0]})
     if mode == "shared":
         assert record["train_loss_by_org"][orgs[0]] == nodes[0]["report"]["train_loss"]

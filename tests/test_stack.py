@@ -275,8 +275,8 @@ def test_counters_only_grow_across_the_runs_short_lived_processes(stack, run):
 
 
 def test_killed_node_shows_offline_then_back_with_its_counters(stack, run):
-    def node_up(org: str) -> bool:
-        return bool(promql(stack, f'fedlora_node_up{{org="{org}"}}'))
+    def node_up(org: str) -> bool:  # the SuperLink's view: 0 once heartbeats stop (~60 s)
+        return bool(promql(stack, f'fedlora_node_up{{org="{org}"}} == 1'))
 
     def wait_for(condition, what: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -286,7 +286,7 @@ def test_killed_node_shows_offline_then_back_with_its_counters(stack, run):
 
     steps = float(promql(stack, 'fedlora_train_steps_total{org="org-2"}')[0]["value"][1])
     assert compose(stack, "kill", "org-2").returncode == 0
-    wait_for(lambda: not node_up("org-2"), "org-2 to show as down")
+    wait_for(lambda: promql(stack, 'fedlora_node_up{org="org-2"} == 0'), "org-2 to show as down", timeout=180)
     offline = promql(stack, "max by (org) (max_over_time(fedlora_node_up[1h])) unless max by (org) (fedlora_node_up == 1)")
     assert [r["metric"]["org"] for r in offline] == ["org-2"]
     wait_for(lambda: promql(stack, 'ALERTS{alertname="FedloraNodeOffline", org="org-2"}'), "the offline alert")
