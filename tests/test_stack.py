@@ -294,6 +294,8 @@ def test_killed_node_shows_offline_then_back_with_its_counters(stack, run):
 
     assert compose(stack, "start", "org-2").returncode == 0
     wait_for(lambda: node_up("org-2"), "org-2 to be back")
+    # Connected (the SuperLink's view) comes first; its own endpoint is scraped again shortly after.
+    wait_for(lambda: promql(stack, 'fedlora_train_steps_total{org="org-2"}'), "org-2's own metrics to be scraped", 60)
     # The node's metrics live on its volume: a restart does not reset its counters.
     assert float(promql(stack, 'fedlora_train_steps_total{org="org-2"}')[0]["value"][1]) == steps
 
