@@ -49,19 +49,30 @@ def adapter(out: Path, rnd: int) -> list[np.ndarray]:
     return list(read_adapter(out / "rounds" / f"round-{rnd:04d}").values())
 
 
-def test_every_round_aggregated_all_nodes(run):
+def train_counts(demo_data: Path, cfg: dict) -> dict[str, int]:
+    """Each organisation's training images, by the same split the nodes use."""
+    from app.data import discover, split
+
+    run_cfg = RunConfig.from_flower(with_defaults(cfg))
+    return {org: len(split(discover(demo_data / org, None), run_cfg.heldout_fraction, run_cfg.seed)[0]) for org in ORGS}
+
+
+def test_every_round_aggregated_all_nodes(run, demo_data):
     h = history(run["out"])
+    counts = train_counts(demo_data, run["cfg"])
+    assert len(set(counts.values())) == len(ORGS), counts  # unequal: the weighting matters
     assert sorted(h) == [0, 1, 2]
     for rnd in (1, 2):
         assert h[rnd]["aggregated"] == list(ORGS), h[rnd]
         assert h[rnd]["aggregation"] == "secagg+"
-        assert h[rnd]["num_examples"] == sum(12 for _ in ORGS)  # 16 images each, a quarter held out
+        assert h[rnd]["num_examples_by_org"] == counts and h[rnd]["num_examples"] == sum(counts.values())
     assert "did not aggregate" not in run["log"]
 
 
 def test_secagg_aggregate_equals_plain_weighted_fedavg(run, demo_data):
     """Recompute each organisation's update outside Flower (training is deterministic given its
-    inputs) and compare the weighted mean with what SecAgg+ revealed to the server."""
+    inputs) and compare the weighted mean with what SecAgg+ revealed to the server. The
+    organisations hold different numbers of images, so an unweighted mean would not match."""
     from app.client_app import local_update
 
     cfg = RunConfig.from_flower(with_defaults(run["cfg"]))
@@ -80,6 +91,11 @@ def test_secagg_aggregate_equals_plain_weighted_fedavg(run, demo_data):
         scale = max(float(np.max(np.abs(p))) for p in plain)
         assert scale > 1e-4, "the round's update is too small for the comparison to mean anything"
         assert err < 1e-5, f"round {rnd}: SecAgg+ differs from plain FedAvg by {err:.2e} (update scale {scale:.2e})"
+        assert len(set(counts)) == len(counts), counts
+        unweighted = [sum(u[i].astype(np.float64) for u in updates) / len(updates) for i in range(len(before))]
+        off = max(float(np.max(np.abs(m - r))) for m, r in zip(unweighted, revealed))
+        print(f"round {rnd}: counts {counts}, SecAgg+ vs weighted FedAvg {err:.2e}, vs unweighted mean {off:.2e}")
+        assert off > 100 * err, f"round {rnd}: the unweighted mean is as close ({off:.2e}) as the weighted ({err:.2e})"
 
 
 def test_round_2_started_from_round_1_global(run):
