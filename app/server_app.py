@@ -39,7 +39,7 @@ from flwr.serverapp import Grid, ServerApp
 from . import metrics, reporting
 from .admission import Admission, RunFailed
 from .config import RunConfig
-from .outputs import OutputDir
+from .outputs import OutputDir, heldout_summary
 from .secagg import QuantizationSettings, adam_update_bound, private_sums
 
 class TimeoutGrid:
@@ -113,7 +113,7 @@ class RoundStrategy(Strategy):
                 for acc, arr in zip(update, parameters_to_ndarrays(res.parameters)):
                     acc += arr.astype(np.float64) * (res.num_examples / total)
             federated = reporting.shared_figures(by_org)
-        heldout = reporting.shared_heldout(by_org) if by_org else reporting.private_heldout(federated)
+        heldout = reporting.shared_heldout(by_org) if by_org else reporting.private_heldout(federated, list(by_proxy))
         if self.measure_only:
             self.eval = heldout
             return None, {}
@@ -250,8 +250,7 @@ class Federation:
                 raise RunFailed(f"no node could evaluate the final adapter of round {last}; see the SuperNode logs")
             self._record_heldout(last, self.strategy.eval, stage_seconds=time.perf_counter() - t0)
         final = self.out.write_final(last)
-        log(INFO, "held-out loss by round: %s", ", ".join(f"{h['round']}: {h['heldout_loss']:.5f}"
-                                                          for h in self.out.history() if h["heldout_loss"] is not None))
+        log(INFO, "held-out loss by round: %s", heldout_summary(self.out.history()))
         log(INFO, "final adapter: %s", final)
 
     def _export_round(self, record: dict[str, Any]) -> None:

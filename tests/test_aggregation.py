@@ -50,6 +50,7 @@ def test_a_node_whose_data_grew_refuses_and_the_round_aggregates_the_others():
     assert len(errors) == 1, errors
     assert "13 training images" in errors[0] and "max weight 12" in errors[0] and "next run" in errors[0], errors[0]
     assert strategy.fit is not None and strategy.fit["orgs"] == ["org-101", "org-102", "org-104"]
+    assert strategy.fit["heldout"]["heldout_orgs"] == ["org-101", "org-102", "org-104"]  # what the loss covers
     others = [i for i in range(4) if i != 2]
     want = _weights([nodes[i] for i in others], [updates[i] for i in others])
     err = _max_error(strategy.global_arrays, want)

@@ -112,6 +112,7 @@ def test_round_2_started_from_round_1_global(run):
 def test_heldout_loss_improves_on_base_model(run):
     h = history(run["out"])
     assert h[0]["heldout_loss"] is not None and set(h[0]["heldout_loss_by_org"]) == set(ORGS)
+    assert [m["heldout_orgs"] for m in h.values()] == [list(ORGS)] * len(h)  # every figure over the same orgs
     assert h[2]["heldout_loss"] < h[0]["heldout_loss"], {r: m["heldout_loss"] for r, m in h.items()}
 
 
@@ -191,6 +192,7 @@ def test_private_org_metrics_run(fed, tiny_model, demo_data, tmp_path):
     for m in h.values():
         private_keys = [k for k in m if k.endswith("_by_org") or k in ("client_seconds", "client_eval_seconds")]
         assert not private_keys, m
+        assert m["heldout_orgs"] == list(ORGS)  # participation: what the held-out figure covers
     # The log names organisations (participation) but never next to a loss or an image count.
     assert "ready (org-metrics=private" in log and "train / " not in log
     assert not re.search(r"org-\d\W+\d+\.\d", log), re.findall(r".*org-\d\W+\d+\.\d.*", log)

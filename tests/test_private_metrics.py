@@ -263,7 +263,8 @@ def test_private_round_reveals_only_federated_figures():
     assert fed["num_examples"] == want["num_examples"] and fed["num_heldout"] == want["num_heldout"]
     assert abs(fed["train_loss"] - want["train_loss"]) <= errors["train_loss"]
     assert abs(strategy.fit["heldout"]["heldout_loss"] - want["heldout_loss"]) <= errors["heldout_loss"]
-    assert strategy.fit["by_org"] is None and set(strategy.fit["heldout"]) == {"heldout_loss", "num_heldout"}
+    assert strategy.fit["by_org"] is None
+    assert set(strategy.fit["heldout"]) == {"heldout_loss", "num_heldout", "heldout_orgs"}  # orgs: participation
     err = max(float(np.max(np.abs(g - w))) for g, w in zip(strategy.global_arrays, want["update"]))
     assert err < 1e-7, err  # float32 global weights
 
@@ -322,6 +323,8 @@ def test_what_the_coordinator_records_and_exports(mode):
     reporting.export_heldout(strategy.fit["heldout"])
     line = reporting.heldout_log_line(0, strategy.fit["heldout"])[0] % reporting.heldout_log_line(0, strategy.fit["heldout"])[1:]
     assert record["aggregated"] == orgs and record["num_examples"] == sum(x["n"] for x in nodes)
+    # Which organisations the held-out figure covers: participation, known in both modes.
+    assert strategy.fit["heldout"]["heldout_orgs"] == orgs
     assert REGISTRY.get_sample_value("fedlora_org_rounds_aggregated_total", {"org": orgs[0]}) >= 1
     revealed = REGISTRY.get_sample_value("fedlora_org_train_images", {"org": orgs[0]})
     if mode == "shared":
