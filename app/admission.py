@@ -6,6 +6,10 @@ authentication proves the key, the registration names it. A node is refused, for
 run, when its key was registered without a name, when another connected node holds the same name,
 or when its `--node-config org` differs from its registered name (a misconfigured or dishonest
 node). Admitted nodes encode their data once ("prepare") and report their example counts.
+
+Preparing is asked for without waiting on it: a first-time encoding of a large folder can take far
+longer than nodes take to connect, so it has its own bound (prepare-timeout), and a node that joins
+mid-run never holds up the nodes that are ready; it takes part from the round after it answers.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class Admission:
         self.proxies: dict[int, ClientProxy] = {}
         self.counts: dict[int, int] = {}  # node id -> training examples, for prepared nodes
         self.refused: dict[int, str] = {}  # node id -> why, for the rest of the run
+        self.preparing: dict[str, tuple[int, str, float]] = {}  # prepare message id -> (node id, org, when sent)
+        self.started = False  # whether a round has had its participants chosen
 
     def _refuse(self, nid: int, why: str) -> None:
         if nid not in self.refused:
@@ -61,73 +67,104 @@ class Admission:
                                   "key per organisation (`make orgs`, `make unregister-org`).")
 
     def _prepare_new_nodes(self) -> dict[int, str]:
-        """Have unseen nodes encode their data; returns the errors of nodes that failed, by node."""
+        """Ask unseen nodes to encode their data and admit those whose answers have arrived, without
+        waiting; returns the errors of nodes that failed or went away while preparing, by node."""
         online = {n.node_id: n.name for n in self.grid.get_nodes()}
         for gone in set(self.proxies) - set(online):
             self.clients.unregister(self.proxies.pop(gone))
             self.counts.pop(gone, None)
         self._identify(online)
-        new = sorted(set(online) - set(self.proxies) - set(self.refused))
-        if not new:
-            return {}
-        content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
-        msgs = [Message(content=content, dst_node_id=nid, message_type=MessageTypeLegacy.GET_PROPERTIES,
-                        group_id="prepare") for nid in new]
-        t0 = time.perf_counter()
-        # Bounded by the wait for nodes, not a stage's timeout: a node that went away never
-        # answers, and must not hold the run for long.
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.node_wait_timeout))
         errors = {}
+        for mid, (nid, org, _) in list(self.preparing.items()):
+            if nid not in online:  # its reply will never come; if it returns, it is asked again
+                del self.preparing[mid]
+                errors[nid] = f"{org}: went offline before answering prepare (see its SuperNode log)"
+        asked = {nid for nid, _, _ in self.preparing.values()}
+        new = sorted(set(online) - set(self.proxies) - set(self.refused) - asked)
+        if new:
+            content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
+            msgs = [Message(content=content, dst_node_id=nid, message_type=MessageTypeLegacy.GET_PROPERTIES,
+                            group_id="prepare") for nid in new]
+            for mid, nid in zip(self.grid.push_messages(msgs), new):
+                if mid:  # Flower returns None for a message it could not push: asked again next poll
+                    self.preparing[mid] = (nid, online[nid], time.monotonic())
+        replies = list(self.grid.pull_messages(list(self.preparing))) if self.preparing else []
         for msg in replies:
-            nid = msg.metadata.src_node_id
-            org = online[nid]
-            if msg.has_error():
-                errors[nid] = f"{org}: {msg.error.reason}"
+            nid, _, sent = self.preparing.pop(msg.metadata.reply_to_message_id, (None, None, 0.0))
+            if nid not in online:  # also None: a reply to nothing this run asked
                 continue
-            res = compat.recorddict_to_getpropertiesres(msg.content)
-            if res.status.code != Code.OK:
-                errors[nid] = f"{org}: {res.status.message}"
-                continue
-            props = res.properties
-            if props["org"] != org:
-                self._refuse(nid, f"registered as '{org}' but configured as '{props['org']}'. Its admin: start the "
-                                  f"SuperNode with --node-config org='{org}' (ORG={org}); it can join the next run.")
-                continue
-            proxy = GridClientProxy(node_id=nid, grid=self.grid, run_id=self.grid.run.run_id)
-            self.proxies[nid] = proxy
-            self.clients.register(proxy)
-            self.org_of[nid] = org
-            if self.cfg.org_metrics == "private":
-                log(INFO, "node of %s ready (org-metrics=private: its image counts stay on the node)", org)
-                continue
-            self.counts[nid] = int(props["num-train"])
-            log(INFO, "node of %s ready: %s train / %s held-out images, %s unreadable skipped",
-                org, props["num-train"], props["num-heldout"], props["skipped-images"])
+            error = self._admit(nid, online[nid], msg)
+            if error:
+                errors[nid] = error
+            else:
+                log(INFO, "prepare: %s answered in %.1f s", online[nid], time.monotonic() - sent)
         for error in errors.values():
             log(ERROR, "a node could not prepare its data: %s", error)
-        log(INFO, "prepare: %d node(s) answered in %.1f s", len(replies), time.perf_counter() - t0)
         return errors
 
+    def _admit(self, nid: int, org: str, msg: Message) -> str | None:
+        """Admit a node from its prepare reply; returns the error if it could not prepare."""
+        if msg.has_error():
+            return f"{org}: {msg.error.reason}"
+        res = compat.recorddict_to_getpropertiesres(msg.content)
+        if res.status.code != Code.OK:
+            return f"{org}: {res.status.message}"
+        props = res.properties
+        if props["org"] != org:
+            self._refuse(nid, f"registered as '{org}' but configured as '{props['org']}'. Its admin: start the "
+                              f"SuperNode with --node-config org='{org}' (ORG={org}); it can join the next run.")
+            return None
+        proxy = GridClientProxy(node_id=nid, grid=self.grid, run_id=self.grid.run.run_id)
+        self.proxies[nid] = proxy
+        self.clients.register(proxy)
+        self.org_of[nid] = org
+        if self.cfg.org_metrics == "private":
+            log(INFO, "node of %s ready (org-metrics=private: its image counts stay on the node)", org)
+            return None
+        self.counts[nid] = int(props["num-train"])
+        log(INFO, "node of %s ready: %s train / %s held-out images, %s unreadable skipped",
+            org, props["num-train"], props["num-heldout"], props["skipped-images"])
+        return None
+
+    def _still_preparing(self) -> dict[int, tuple[str, bool]]:
+        """Nodes asked to prepare that have not answered: node id -> (org, still within prepare-timeout)."""
+        now = time.monotonic()
+        return {nid: (org, now - sent < self.cfg.prepare_timeout) for nid, org, sent in self.preparing.values()}
+
     def participants(self, rnd: int) -> list[ClientProxy]:
-        """This round's nodes: every admitted node online, once at least min-nodes are."""
-        deadline = time.monotonic() + self.cfg.node_wait_timeout
+        """This round's nodes: every admitted node online, once at least min-nodes are.
+
+        Waits node-wait-timeout for nodes to connect, and longer while a node is still preparing
+        within prepare-timeout. The first round also waits for every node still preparing, so that
+        every connected organisation trains from round 1 and round 0's held-out loss covers them all;
+        later rounds never wait for a joiner."""
+        t0 = time.monotonic()
         errors: dict[int, str] = {}
         while True:
             errors |= self._prepare_new_nodes()
             online = set(self.grid.get_node_ids())
             ready = [p for nid, p in sorted(self.proxies.items()) if nid in online]
-            if len(ready) >= self.cfg.min_nodes:
+            preparing = self._still_preparing()
+            # A node whose preparation failed is asked again on every poll: it is not worth waiting for.
+            waiting = [nid for nid, (_, within) in preparing.items() if within and nid not in errors]
+            if len(ready) >= self.cfg.min_nodes and (self.started or not waiting):
                 break
-            if time.monotonic() > deadline:
+            if time.monotonic() - t0 > self.cfg.node_wait_timeout and not waiting:
                 orgs = sorted(self.org_of[p.node_id] for p in ready)
-                problems = list(errors.values()) + [f"node {nid} refused: {why}" for nid, why in self.refused.items()]
+                problems = [e for nid, e in errors.items() if nid not in self.proxies]
+                problems += [f"{org}: online, but no answer to prepare within prepare-timeout="
+                             f"{self.cfg.prepare_timeout:g} s: still encoding its images? (its SuperNode log shows "
+                             "the progress) A first run on a large folder takes long: raise prepare-timeout"
+                             for nid, (org, _) in sorted(preparing.items()) if nid not in errors]
+                problems += [f"node {nid} refused: {why}" for nid, why in self.refused.items()]
                 raise RunFailed(
                     f"round {rnd}: {len(ready)} of min-nodes={self.cfg.min_nodes} nodes ready after "
-                    f"{self.cfg.node_wait_timeout:.0f} s (ready: {orgs or 'none'})"
+                    f"{time.monotonic() - t0:.0f} s (ready: {orgs or 'none'})"
                     + (f"; {'; '.join(problems)}" if problems else "")
                     + ". Check that every SuperNode runs and reaches the SuperLink, or lower min-nodes."
                 )
             time.sleep(POLL_SECONDS)
+        self.started = True
         if self.cfg.aggregation == "secagg+" and len(ready) < SECAGG_MIN_PRIVATE:
             log(WARNING, "!" * 78)
             log(WARNING, "round %d: only %d participants. With fewer than %d, secure aggregation hides "

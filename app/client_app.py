@@ -160,6 +160,30 @@ def refuse_revealing_runs(msg, ctxt, call_next):
     return call_next(msg, ctxt)
 
 
+def within_max_weight(fit_msg: Message, reply: Message) -> Message:
+    """Refuse to send a SecAgg+ fit whose example count exceeds the round's max weight.
+
+    Flower would only log a warning, and the weight total would wrap around the modulus: the
+    coordinator would unmask a wrong aggregate (app/secagg.py). The coordinator sets max weight to
+    the largest count prepared at the start of the run, so this happens when a node's data grows
+    during a run; any count up to it is weighted correctly."""
+    if reply.has_error():
+        return reply
+    max_weight = compat.recorddict_to_fitins(fit_msg.content, keep_input=True).config.get("max-weight")
+    res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    if max_weight is None:
+        raise RuntimeError("the coordinator sent this SecAgg+ round without a max-weight: it runs another version "
+                           "of this app; the coordinator must rebuild it from this repository")
+    if res.num_examples > max_weight:
+        org = res.metrics.get("org", "this node")
+        raise RuntimeError(
+            f"[{org}] has {res.num_examples} training images now, more than this run's SecAgg+ max weight "
+            f"{max_weight:g} (the largest count prepared when the run started): images were added during the run. "
+            "Sending them would corrupt the secure sum, so this node sits out the rest of this run; the "
+            "coordinator's next run (the same output-dir resumes where this one stopped) picks up the new count.")
+    return reply
+
+
 def secagg_when_asked(msg, ctxt, call_next):
     """secaggplus_mod only understands SecAgg+ train messages; plain FedAvg ones pass it by.
 
@@ -171,7 +195,7 @@ def secagg_when_asked(msg, ctxt, call_next):
         return call_next(msg, ctxt)
     cfg = RunConfig.from_flower(ctxt.run_config)
     if cfg.org_metrics != "private":
-        return secaggplus_mod(msg, ctxt, call_next)
+        return secaggplus_mod(msg, ctxt, lambda fit_msg, fit_ctxt: within_max_weight(fit_msg, call_next(fit_msg, fit_ctxt)))
 
     def private_fit(fit_msg: Message, fit_ctxt: Context) -> Message:
         reply = call_next(fit_msg, fit_ctxt)

@@ -56,6 +56,7 @@ class RunConfig:
     max_images_per_node: int
     min_nodes: int
     node_wait_timeout: float
+    prepare_timeout: float
     round_timeout: float
     output_dir: Path
     sample_every: int
@@ -83,6 +84,7 @@ class RunConfig:
             max_images_per_node=_get(cfg, "max-images-per-node", int),
             min_nodes=_get(cfg, "min-nodes", int),
             node_wait_timeout=_get(cfg, "node-wait-timeout", float),
+            prepare_timeout=_get(cfg, "prepare-timeout", float),
             round_timeout=_get(cfg, "round-timeout", float),
             output_dir=Path(_get(cfg, "output-dir", str)),
             sample_every=_get(cfg, "sample-every", int),
@@ -98,7 +100,8 @@ class RunConfig:
             ("lora-alpha", self.lora_alpha), ("resolution", self.resolution),
             ("batch-size", self.batch_size), ("local-steps", self.local_steps),
             ("learning-rate", self.learning_rate), ("eval-timesteps", self.eval_timesteps),
-            ("node-wait-timeout", self.node_wait_timeout), ("round-timeout", self.round_timeout),
+            ("node-wait-timeout", self.node_wait_timeout), ("prepare-timeout", self.prepare_timeout),
+            ("round-timeout", self.round_timeout),
             ("sample-steps", self.sample_steps), ("max-images-per-node", self.max_images_per_node),
         ]:
             _positive(key, value)

@@ -27,6 +27,9 @@ from .data import DataError, Example, discover, fingerprint, load_image, split
 from .secagg import ADAM_BETAS
 
 CACHE_VERSION = 2  # 2: entries keyed by the path relative to the data folder, not the bare file name
+# A first encoding of a large folder can take an hour on CPU: the node's log says how far it is this
+# often (the coordinator only sees that it has not answered yet).
+PROGRESS_SECONDS = 30.0
 
 
 class ModelNotAvailable(RuntimeError):
@@ -241,6 +244,7 @@ def prepare_data(cfg: RunConfig, node: NodeConfig) -> EncodedData:
     if path.is_file():
         cached = torch.load(path, weights_only=True)
     else:
+        log(INFO, "[%s] encoding %d images once (cached for later rounds and runs)", node.org, len(examples))
         cached = _encode(cfg, examples, node.data_dir)
         node.cache_dir.mkdir(parents=True, exist_ok=True)
         # A temporary name of this writer's own: nodes or runs sharing the cache volume may encode
@@ -276,7 +280,7 @@ def _encode(cfg: RunConfig, examples: list[Example], data_dir: Path) -> dict:
     tokenizer = _from_pretrained(CLIPTokenizer, cfg.base_model, "tokenizer")
     text_encoder = _from_pretrained(CLIPTextModel, cfg.base_model, "text_encoder", dtype=dtype).to(device)
     names, latents, embeds, skipped = [], [], [], []
-    t0 = time.perf_counter()
+    t0 = last_report = time.perf_counter()
     for i, e in enumerate(examples):
         pixels = load_image(e.path, cfg.resolution)
         if pixels is None:  # load_image logged why
@@ -289,8 +293,11 @@ def _encode(cfg: RunConfig, examples: list[Example], data_dir: Path) -> dict:
                         truncation=True, return_tensors="pt").input_ids
         embeds.append(text_encoder(ids.to(device))[0].float().cpu())
         names.append(e.name)
-        if (i + 1) % 50 == 0:
-            log(INFO, "encoded %d/%d images (%.1f images/s)", i + 1, len(examples), (i + 1) / (time.perf_counter() - t0))
+        now = time.perf_counter()
+        if now - last_report >= PROGRESS_SECONDS and i + 1 < len(examples):
+            last_report, rate = now, (i + 1) / (now - t0)
+            log(INFO, "encoded %d/%d images (%.1f images/s, about %.0f s left)", i + 1, len(examples), rate,
+                (len(examples) - i - 1) / rate)
     if not latents:
         raise DataError(f"none of the {len(examples)} images in {data_dir} could be read: check the files")
     log(INFO, "encoded %d images in %.1f s (%d unreadable skipped)", len(names), time.perf_counter() - t0, len(skipped))

@@ -182,9 +182,12 @@ def _draw_shape(draw, shape: str, box: tuple[int, int, int, int], fill: tuple[in
 
 
 def write_demo_data(
-    out_dir: Path, orgs: int = 3, images_per_org: int = 12, size: int = 64, seed: int = 0
+    out_dir: Path, orgs: int = 3, images_per_org: int | list[int] = 12, size: int = 64, seed: int = 0
 ) -> list[Path]:
     """Write ``orgs`` imagefolder datasets ``out_dir/org-1`` ... and return their paths.
+
+    ``images_per_org``: one count for every organisation, or one per organisation (unequal
+    counts are what tests of example-weighted averaging need).
 
     Organisation ``i`` draws ``_SHAPES[(i - 1) % 3]`` (circles, squares, triangles)
     in varied colours, sizes and positions on a white ``size`` x ``size`` RGB
@@ -195,8 +198,11 @@ def write_demo_data(
     from PIL import Image, ImageDraw
 
     out_dir = Path(out_dir)
+    counts = [images_per_org] * orgs if isinstance(images_per_org, int) else list(images_per_org)
+    if len(counts) != orgs:
+        raise ValueError(f"write_demo_data: {orgs} organisations but {len(counts)} image counts {counts}")
     folders = []
-    for org in range(1, orgs + 1):
+    for org, count in zip(range(1, orgs + 1), counts):
         folder = out_dir / f"org-{org}"
         folders.append(folder)
         if (folder / "metadata.jsonl").exists():
@@ -207,7 +213,7 @@ def write_demo_data(
         # One stream per organisation, so changing --orgs does not change existing orgs.
         rng = random.Random(f"{seed}:{org}")
         records = []
-        for index in range(1, images_per_org + 1):
+        for index in range(1, count + 1):
             colour_name, rgb = rng.choice(_COLOURS)
             extent = rng.randint(size // 4, size * 3 // 4)
             left = rng.randint(0, size - extent)
@@ -222,7 +228,7 @@ def write_demo_data(
         # Written last, so an interrupted run is redone rather than skipped.
         with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(record) + "\n" for record in records)
-        print(f"wrote {images_per_org} {size}x{size} images of {shape}s to {folder}")
+        print(f"wrote {count} {size}x{size} images of {shape}s to {folder}")
     return folders
 
 

@@ -174,17 +174,51 @@ def read_adapter(directory: Path) -> dict[str, np.ndarray]:
     return {k: peft[k] for k in sorted(peft)}
 
 
+HELDOUT_COLOR, HELDOUT_OTHER_COLOR, TRAIN_COLOR = (200, 60, 40), (230, 150, 0), (40, 90, 200)
+
+
+def heldout_by_coverage(history: list[dict[str, Any]]) -> tuple[list[str] | None, list[dict], list[dict]]:
+    """Split the held-out figures by the organisations they cover: (round 0's organisations, figures
+    over exactly those, figures over others). A held-out loss is a mean over the organisations that
+    measured it, so only figures over the same organisations are comparable. Histories written
+    before `heldout_orgs` was recorded have None, and compare with each other."""
+    measured = [m for m in history if m.get("heldout_loss") is not None]
+    if not measured:
+        return None, [], []
+    reference = measured[0].get("heldout_orgs")
+    like = [m for m in measured if m.get("heldout_orgs") == reference]
+    return reference, like, [m for m in measured if m.get("heldout_orgs") != reference]
+
+
+def heldout_summary(history: list[dict[str, Any]]) -> str:
+    """The ServerApp's "held-out loss by round", comparable figures first, e.g.
+    `0: 1.00000, 1: 0.90000 (org-1, org-2); not comparable, other organisations: 2: 0.40000 (org-1)`."""
+    def orgs(m_orgs: list[str] | None) -> str:
+        return f" ({', '.join(m_orgs)})" if m_orgs else ""
+
+    reference, like, unlike = heldout_by_coverage(history)
+    text = ", ".join(f"{m['round']}: {m['heldout_loss']:.5f}" for m in like) + orgs(reference)
+    if unlike:
+        text += "; not comparable, other organisations: " + ", ".join(
+            f"{m['round']}: {m['heldout_loss']:.5f}{orgs(m.get('heldout_orgs'))}" for m in unlike)
+    return text
+
+
 def loss_plot(history: list[dict[str, Any]], size: tuple[int, int] = (720, 420)):
     """Training and held-out loss by round, for people who would rather look than read.
 
-    Drawn with PIL (already a dependency) rather than pulling a plotting library into every image.
+    Held-out figures over other organisations than round 0's are orange dots off the line: they are
+    means over other data (`heldout_by_coverage`). Drawn with PIL (already a dependency) rather than
+    pulling a plotting library into every image.
     """
     from PIL import Image, ImageDraw
 
-    series = {"held-out": ([(m["round"], m["heldout_loss"]) for m in history if m.get("heldout_loss") is not None],
-                           (200, 60, 40)),
+    _, like, unlike = heldout_by_coverage(history)
+    series = {"held-out": ([(m["round"], m["heldout_loss"]) for m in like], HELDOUT_COLOR),
               "train": ([(m["round"], m["train_loss"]) for m in history if m.get("train_loss") is not None],
-                        (40, 90, 200))}
+                        TRAIN_COLOR)}
+    if unlike:
+        series["held-out, other orgs"] = ([(m["round"], m["heldout_loss"]) for m in unlike], HELDOUT_OTHER_COLOR)
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     left, top, right, bottom = 70, 30, size[0] - 20, size[1] - 40
@@ -212,9 +246,9 @@ def loss_plot(history: list[dict[str, Any]], size: tuple[int, int] = (720, 420))
         draw.text((px - 4, bottom + 8), str(x), fill=(0, 0, 0))
     for i, (name, (pts, color)) in enumerate(series.items()):
         px = [to_px(x, y) for x, y in pts]
-        if len(px) > 1:
+        if len(px) > 1 and color != HELDOUT_OTHER_COLOR:  # no line through incomparable points
             draw.line(px, fill=color, width=2)
         for cx, cy in px:
             draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=color)
-        draw.text((right - 110, top + 8 + 14 * i), f"-- {name}", fill=color)
+        draw.text((right - 160, top + 8 + 14 * i), f"-- {name}", fill=color)
     return img

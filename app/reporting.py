@@ -19,17 +19,24 @@ def weighted(values: list[tuple[float, int]]) -> float:
 
 
 def shared_heldout(by_org: dict[str, dict]) -> dict[str, Any]:
-    """Held-out loss of one adapter, weighted by each node's held-out images."""
+    """Held-out loss of one adapter, weighted by each node's held-out images.
+
+    `heldout_orgs`: the organisations it covers. The nodes that measure round r's adapter are round
+    r+1's participants, so when organisations join or drop the figure changes meaning; outputs.py
+    compares only figures over the same organisations."""
     return {
         "heldout_loss": weighted([(m["heldout_loss"], m["num_heldout"]) for m in by_org.values()]),
         "num_heldout": sum(int(m["num_heldout"]) for m in by_org.values()),
+        "heldout_orgs": sorted(by_org),
         "heldout_loss_by_org": {o: m["heldout_loss"] for o, m in by_org.items()},
         "client_eval_seconds": {o: m["eval_seconds"] for o, m in by_org.items()},
     }
 
 
-def private_heldout(federated: dict[str, Any]) -> dict[str, Any]:
-    return {"heldout_loss": federated["heldout_loss"], "num_heldout": federated["num_heldout"]}
+def private_heldout(federated: dict[str, Any], orgs: list[str]) -> dict[str, Any]:
+    """`orgs`: who took part in the measurement, which the coordinator knows in any mode."""
+    return {"heldout_loss": federated["heldout_loss"], "num_heldout": federated["num_heldout"],
+            "heldout_orgs": sorted(orgs)}
 
 
 def shared_figures(by_org: dict[str, dict]) -> dict[str, Any]:

@@ -11,6 +11,17 @@ weight, which is about the size of a whole round's update. We instead:
 - set max_weight to the largest real example count, so the biggest client uses the full range;
 - use as many levels as the 32-bit modulus allows for the number of nodes being summed.
 Clients verify the bound on what they send and fail the round loudly if it is ever exceeded.
+
+When the integer sum is right (Flower 1.41, secaggplus_mod and secaggplus_workflow): each of the k
+nodes sends, modulo 2**32, its weight factor round(n/max_weight * Q) and every value quantized onto
+[0, Q]; the masks cancel, so the coordinator recovers the true sums only while each stays below the
+modulus. Values are clipped, but the float arithmetic (C + C) * (Q / 2C) can land just above Q, so a
+value at +C may round up to Q + 1. Hence two conditions, both needed:
+- k * (Q + 1) < 2**32, which `levels` keeps;
+- every node's n <= max_weight (a larger n only makes Flower log a warning: its weight factor exceeds
+  Q and the weight total wraps, e.g. 4 nodes prepared with 12 images and one now at 13 gave an
+  aggregate 49x too large). Nodes refuse to send more (client_app.secagg_when_asked) and the
+  coordinator checks the unmasked aggregate's range (`check_aggregate`).
 """
 
 from __future__ import annotations
@@ -51,6 +62,12 @@ def adam_update_bound(learning_rate: float, steps: int, betas: tuple[float, floa
     return learning_rate * sum(adam_step_factor(t, betas) for t in range(1, steps + 1)) * _ROUNDING_HEADROOM
 
 
+def levels(num_nodes: int) -> int:
+    """Quantization levels for a sum of `num_nodes` vectors: one node's value lands on at most Q + 1
+    (see the module docstring), and k * (Q + 1) must stay below the modulus."""
+    return min(_MAX_QUANTIZATION_RANGE, (MODULUS_RANGE - 1) // num_nodes - 1)
+
+
 @dataclass(frozen=True)
 class QuantizationSettings:
     clipping_range: float
@@ -62,13 +79,10 @@ class QuantizationSettings:
     def for_round(cls, learning_rate: float, local_steps: int, example_counts: list[int]) -> QuantizationSettings:
         if not example_counts or min(example_counts) <= 0:
             raise ValueError(f"every participating node needs training examples, got counts {example_counts}")
-        # k clients each contribute at most `quantization_range` to every sum (and to the weight
-        # factor); the sum must not wrap around the modulus.
-        levels = min(_MAX_QUANTIZATION_RANGE, (MODULUS_RANGE - 1) // len(example_counts))
         return cls(
             clipping_range=adam_update_bound(learning_rate, local_steps),
             max_weight=float(max(example_counts)),
-            quantization_range=levels,
+            quantization_range=levels(len(example_counts)),
         )
 
     @property
@@ -83,8 +97,36 @@ class QuantizationSettings:
         return cls(
             clipping_range=adam_update_bound(learning_rate, local_steps),
             max_weight=1.0,
-            quantization_range=min(_MAX_QUANTIZATION_RANGE, (MODULUS_RANGE - 1) // num_nodes),
+            quantization_range=levels(num_nodes),
         )
+
+    def aggregate_bound(self, weights: list[float]) -> float:
+        """Largest |element| an honest unmasked aggregate of nodes with these weights can have.
+
+        It is a weighted mean of values within +-C (weights round(w/max_weight * Q)), plus each
+        node's rounding of under one level, divided by the weight total; twice that for float slack."""
+        q_total = sum(round(w / self.max_weight * self.quantization_range) for w in weights)
+        return self.clipping_range + 2 * len(weights) * self.step * self.quantization_range / max(q_total, 1)
+
+    def check_aggregate(self, rnd: int, aggregate: list[np.ndarray], weights: dict[str, float]) -> None:
+        """Fail the run if the unmasked aggregate is one no honest round can produce: the integer sum
+        wrapped around the modulus, and the result is garbage however plausible it looks."""
+        from .admission import RunFailed  # coordinator only: nodes import this module without flwr.server
+
+        bound = self.aggregate_bound(list(weights.values()))
+        worst = max((float(np.max(np.abs(a))) for a in aggregate if a.size), default=0.0)
+        if math.isfinite(worst) and worst <= bound:
+            return
+        over = [f"{org} sent {w:g} examples" for org, w in sorted(weights.items()) if w > self.max_weight]
+        cause = (f"{', '.join(over)}, more than the round's max weight {self.max_weight:g} (the largest count "
+                 "prepared for this run): its data grew during the run" if over else
+                 "a node runs other code than this app (other SecAgg+ settings, or a vector outside them)")
+        found = f"an element of {worst:.3g}" if math.isfinite(worst) else "values that are not finite"
+        raise RunFailed(
+            f"round {rnd}: the SecAgg+ aggregate has {found}, outside +-{bound:.3g}, the range any weighted "
+            f"mean of clipped updates stays within: the masked sum wrapped around. Likely cause: {cause}. "
+            "Nothing of this round was saved; a new run with the same output-dir resumes from the last "
+            "checkpoint and prepares every node afresh.")
 
     def private_errors(self, num_nodes: int, max_images: int, num_examples: int, num_heldout: int) -> dict[str, float]:
         """Worst-case errors of what `private_sums` recovers from `num_nodes` nodes.

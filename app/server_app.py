@@ -39,7 +39,7 @@ from flwr.serverapp import Grid, ServerApp
 from . import metrics, reporting
 from .admission import Admission, RunFailed
 from .config import RunConfig
-from .outputs import OutputDir
+from .outputs import OutputDir, heldout_summary
 from .secagg import QuantizationSettings, adam_update_bound, private_sums
 
 class TimeoutGrid:
@@ -68,6 +68,7 @@ class RoundStrategy(Strategy):
         self.eval: dict[str, Any] | None = None
         # org-metrics="private": the final adapter is measured by a SecAgg+ fit that trains nothing.
         self.measure_only = False
+        self.quant: QuantizationSettings | None = None  # this round's SecAgg+ settings (None: plain FedAvg)
 
     def initialize_parameters(self, client_manager):
         return ndarrays_to_parameters(self.global_arrays)
@@ -76,7 +77,11 @@ class RoundStrategy(Strategy):
         self.fit = None
         if self.measure_only:
             self.eval = None
-        ins = FitIns(parameters, {"server-round": server_round} | ({"measure-only": True} if self.measure_only else {}))
+        config = {"server-round": server_round} | ({"measure-only": True} if self.measure_only else {})
+        if self.quant:
+            # Each node checks its example count against it before masking (client_app.secagg_when_asked).
+            config["max-weight"] = self.quant.max_weight
+        ins = FitIns(parameters, config)
         return [(proxy, ins) for proxy in self.participants]
 
     def aggregate_fit(self, server_round, results: list[tuple[ClientProxy, FitRes]], failures):
@@ -85,6 +90,11 @@ class RoundStrategy(Strategy):
         if not results:
             return None, {}
         by_proxy = {self.org_of[proxy.node_id]: res for proxy, res in results}
+        if self.quant:
+            # Under SecAgg+ every result carries the same unmasked aggregate; refuse one that no honest
+            # round can produce before it becomes the next global adapter.
+            self.quant.check_aggregate(server_round, parameters_to_ndarrays(results[0][1].parameters),
+                                       {org: res.num_examples for org, res in by_proxy.items()})
         if self.cfg.org_metrics == "private":
             # Every result carries the same unmasked mean of the nodes' private vectors.
             update, federated = private_sums(
@@ -103,7 +113,7 @@ class RoundStrategy(Strategy):
                 for acc, arr in zip(update, parameters_to_ndarrays(res.parameters)):
                     acc += arr.astype(np.float64) * (res.num_examples / total)
             federated = reporting.shared_figures(by_org)
-        heldout = reporting.shared_heldout(by_org) if by_org else reporting.private_heldout(federated)
+        heldout = reporting.shared_heldout(by_org) if by_org else reporting.private_heldout(federated, list(by_proxy))
         if self.measure_only:
             self.eval = heldout
             return None, {}
@@ -240,8 +250,7 @@ class Federation:
                 raise RunFailed(f"no node could evaluate the final adapter of round {last}; see the SuperNode logs")
             self._record_heldout(last, self.strategy.eval, stage_seconds=time.perf_counter() - t0)
         final = self.out.write_final(last)
-        log(INFO, "held-out loss by round: %s", ", ".join(f"{h['round']}: {h['heldout_loss']:.5f}"
-                                                          for h in self.out.history() if h["heldout_loss"] is not None))
+        log(INFO, "held-out loss by round: %s", heldout_summary(self.out.history()))
         log(INFO, "final adapter: %s", final)
 
     def _export_round(self, record: dict[str, Any]) -> None:
@@ -278,7 +287,7 @@ class Federation:
         self.secagg.modulus_range = q.modulus_range
         log(INFO, "SecAgg+ quantization: clipping range %.3g, max weight %d, %d levels (step %.2g)",
             q.clipping_range, q.max_weight, q.quantization_range, q.step)
-        self.quant = q
+        self.quant = self.strategy.quant = q
         return {"clipping_range": q.clipping_range, "max_weight": q.max_weight,
                 "quantization_range": q.quantization_range, "step": q.step}
 

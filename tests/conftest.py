@@ -16,6 +16,8 @@ from app.offline import write_demo_data, write_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ORGS = ("org-1", "org-2", "org-3")
+# Unequal, so that the federation tests prove the aggregate is example-weighted, not a plain mean.
+DEMO_IMAGES = (10, 16, 24)
 
 
 def load_certs_tool():
@@ -33,7 +35,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    write_demo_data(root, orgs=len(ORGS), images_per_org=16)
+    write_demo_data(root, orgs=len(ORGS), images_per_org=list(DEMO_IMAGES))
     return root
 
 

@@ -27,6 +27,7 @@ def test_defaults_are_valid_and_real():
     ("mixed-precision", "fp16", "fp16.*loss scaling.*'bf16'.*'no'"),
     ("org-metrics", "hidden", "one of"),
     ("max-images-per-node", 0, "> 0"),
+    ("prepare-timeout", 0, "prepare-timeout. must be > 0"),
 ])
 def test_invalid_run_settings(key, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -150,6 +150,22 @@ def test_prepare_counts_corrupt_images_and_caches_latents(tmp_path, tiny_model, 
 
 
 
+def test_first_encoding_logs_its_progress(tmp_path, tiny_model, monkeypatch, caplog):
+    """A node's own log says how far a long first encoding is (the coordinator only sees no answer)."""
+    import logging
+
+    from app import model
+
+    monkeypatch.setattr(model, "PROGRESS_SECONDS", 0.0)  # report after every image
+    root = _imagefolder(tmp_path / "d", 4)
+    cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        model.prepare_data(cfg, NodeConfig(root, "org-x", None, tmp_path / "cache"))
+    text = caplog.text
+    assert "[org-x] encoding 4 images once" in text
+    assert all(f"encoded {i}/4 images" in text for i in (1, 2, 3)) and "s left)" in text, text
+
+
 def test_same_file_name_in_two_subfolders_is_two_images(tmp_path, tiny_model):
     from app import model
 

@@ -49,41 +49,63 @@ def adapter(out: Path, rnd: int) -> list[np.ndarray]:
     return list(read_adapter(out / "rounds" / f"round-{rnd:04d}").values())
 
 
-def test_every_round_aggregated_all_nodes(run, demo_data):
+def train_counts(demo_data: Path, cfg: dict) -> dict[str, int]:
+    """Each organisation's training images, by the same split the nodes use."""
     from app.data import discover, split
 
-    cfg = RunConfig.from_flower(with_defaults(run["cfg"]))
-    trained = sum(len(split(discover(demo_data / org, None), cfg.heldout_fraction, cfg.seed)[0]) for org in ORGS)
+    run_cfg = RunConfig.from_flower(with_defaults(cfg))
+    return {org: len(split(discover(demo_data / org, None), run_cfg.heldout_fraction, run_cfg.seed)[0]) for org in ORGS}
+
+
+def test_every_round_aggregated_all_nodes(run, demo_data):
     h = history(run["out"])
+    counts = train_counts(demo_data, run["cfg"])
+    assert len(set(counts.values())) == len(ORGS), counts  # unequal: the weighting matters
     assert sorted(h) == [0, 1, 2]
     for rnd in (1, 2):
         assert h[rnd]["aggregated"] == list(ORGS), h[rnd]
         assert h[rnd]["aggregation"] == "secagg+"
-        assert h[rnd]["num_examples"] == trained
+        assert h[rnd]["num_examples_by_org"] == counts and h[rnd]["num_examples"] == sum(counts.values())
     assert "did not aggregate" not in run["log"]
 
 
 def test_secagg_aggregate_equals_plain_weighted_fedavg(run, demo_data):
     """Recompute each organisation's update outside Flower (training is deterministic given its
-    inputs) and compare the weighted mean with what SecAgg+ revealed to the server."""
+    inputs) and compare the weighted mean with what SecAgg+ revealed to the server. The
+    organisations hold different numbers of images, so an unweighted mean would not match."""
+    import torch
+
     from app.client_app import local_update
 
     cfg = RunConfig.from_flower(with_defaults(run["cfg"]))
+    threads = torch.get_num_threads()
     for rnd in (1, 2):
         before, after = adapter(run["out"], rnd - 1), adapter(run["out"], rnd)
         revealed = [a.astype(np.float64) - b for a, b in zip(after, before)]
         updates, counts = [], []
-        for org in ORGS:
-            node = NodeConfig(demo_data / org, org, None, run["out"].parent / f"recompute-{org}")
-            update, n, _ = local_update(cfg, node, before, rnd)
-            updates.append(update)
-            counts.append(n)
+        # One thread, as the nodes train (LocalFederation's OMP_NUM_THREADS=1): another thread count
+        # sums in another order, and the same update then differs by ~7e-6, near the 1e-5 tolerance.
+        torch.set_num_threads(1)
+        try:
+            for org in ORGS:
+                node = NodeConfig(demo_data / org, org, None, run["out"].parent / f"recompute-{org}")
+                update, n, _ = local_update(cfg, node, before, rnd)
+                updates.append(update)
+                counts.append(n)
+        finally:
+            torch.set_num_threads(threads)
         plain = [sum(n * u[i].astype(np.float64) for u, n in zip(updates, counts)) / sum(counts)
                  for i in range(len(before))]
         err = max(float(np.max(np.abs(p - r))) for p, r in zip(plain, revealed))
         scale = max(float(np.max(np.abs(p))) for p in plain)
         assert scale > 1e-4, "the round's update is too small for the comparison to mean anything"
         assert err < 1e-5, f"round {rnd}: SecAgg+ differs from plain FedAvg by {err:.2e} (update scale {scale:.2e})"
+        assert len(set(counts)) == len(counts), counts
+        unweighted = [sum(u[i].astype(np.float64) for u in updates) / len(updates) for i in range(len(before))]
+        off = max(float(np.max(np.abs(m - r))) for m, r in zip(unweighted, revealed))
+        print(f"round {rnd}: counts {counts}, SecAgg+ vs weighted FedAvg {err:.2e}, vs unweighted mean {off:.2e}")
+        # The weighting is what passes: the unweighted mean misses the same tolerance many times over.
+        assert off > 10 * 1e-5, f"round {rnd}: the unweighted mean is within {off:.2e} too"
 
 
 def test_round_2_started_from_round_1_global(run):
@@ -100,6 +122,7 @@ def test_round_2_started_from_round_1_global(run):
 def test_heldout_loss_improves_on_base_model(run):
     h = history(run["out"])
     assert h[0]["heldout_loss"] is not None and set(h[0]["heldout_loss_by_org"]) == set(ORGS)
+    assert [m["heldout_orgs"] for m in h.values()] == [list(ORGS)] * len(h)  # every figure over the same orgs
     assert h[2]["heldout_loss"] < h[0]["heldout_loss"], {r: m["heldout_loss"] for r, m in h.items()}
 
 
@@ -179,6 +202,7 @@ def test_private_org_metrics_run(fed, tiny_model, demo_data, tmp_path):
     for m in h.values():
         private_keys = [k for k in m if k.endswith("_by_org") or k in ("client_seconds", "client_eval_seconds")]
         assert not private_keys, m
+        assert m["heldout_orgs"] == list(ORGS)  # participation: what the held-out figure covers
     # The log names organisations (participation) but never next to a loss or an image count.
     assert "ready (org-metrics=private" in log and "train / " not in log
     assert not re.search(r"org-\d\W+\d+\.\d", log), re.findall(r".*org-\d\W+\d+\.\d.*", log)

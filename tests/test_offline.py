@@ -78,6 +78,14 @@ def test_demo_data(tmp_path: Path) -> None:
     assert (again[0] / "0001.png").read_bytes() == (folders[0] / "0001.png").read_bytes()
 
 
+def test_demo_data_with_a_count_per_organisation(tmp_path: Path) -> None:
+    folders = write_demo_data(tmp_path, orgs=3, images_per_org=[2, 5, 3])
+    assert [len(list(f.glob("*.png"))) for f in folders] == [2, 5, 3]
+    assert [len((f / "metadata.jsonl").read_text().splitlines()) for f in folders] == [2, 5, 3]
+    with pytest.raises(ValueError, match="3 organisations but 2 image counts"):
+        write_demo_data(tmp_path / "bad", orgs=3, images_per_org=[2, 5])
+
+
 def test_demo_data_cli_skips_existing_and_avoids_torch(tmp_path: Path) -> None:
     write_demo_data(tmp_path, orgs=1, images_per_org=2)
     code = (

@@ -115,3 +115,33 @@ def test_the_lock_holds_across_processes_and_ends_with_the_process(tmp_path):
     finally:
         holder.communicate("")  # ends the first run
     OutputDir(tmp_path).claim(IDENTITY)  # no stale lock after the process is gone
+
+
+# --- held-out figures say which organisations they cover --------------------------------------
+
+ALL, TWO = ["org-1", "org-2", "org-3"], ["org-1", "org-2"]
+# org-3 missed round 3, so round 2's adapter was measured on org-1 and org-2 only.
+CHANGING = [{"round": 0, "heldout_loss": 1.0, "heldout_orgs": ALL, "train_loss": None},
+            {"round": 1, "heldout_loss": 0.9, "heldout_orgs": ALL, "train_loss": 0.95},
+            {"round": 2, "heldout_loss": 0.4, "heldout_orgs": TWO, "train_loss": 0.85},
+            {"round": 3, "heldout_loss": 0.8, "heldout_orgs": ALL, "train_loss": 0.8}]
+
+
+def test_heldout_summary_compares_like_with_like():
+    from app.outputs import heldout_summary
+
+    assert heldout_summary(CHANGING) == ("0: 1.00000, 1: 0.90000, 3: 0.80000 (org-1, org-2, org-3); not comparable, "
+                                         "other organisations: 2: 0.40000 (org-1, org-2)")
+    same = [m | {"heldout_orgs": ALL} for m in CHANGING]
+    assert heldout_summary(same) == "0: 1.00000, 1: 0.90000, 2: 0.40000, 3: 0.80000 (org-1, org-2, org-3)"
+
+
+def test_loss_plot_sets_apart_heldout_points_of_other_organisations():
+    from app.outputs import HELDOUT_OTHER_COLOR, loss_plot
+
+    def has_other_color(history) -> bool:
+        return HELDOUT_OTHER_COLOR in {c for _, c in loss_plot(history).getcolors(1 << 20)}
+
+    assert has_other_color(CHANGING)
+    assert not has_other_color([m | {"heldout_orgs": ALL} for m in CHANGING])
+

@@ -186,12 +186,14 @@ def _server_identity(monkeypatch):
 
 
 def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool = False, node_config: dict | None = None,
-                org_prefix: str = "org"):
+                org_prefix: str = "org", prepared: list[int] | None = None, mods: list | None = None):
+    """One SecAgg+ round in process. `prepared`: the counts the coordinator prepared with (default: the
+    nodes' current ones); `mods`: the ClientApp's mods (default: the app's own)."""
     cfg = RunConfig.from_flower(with_defaults(run_config))
     ids = list(range(101, 101 + len(nodes)))
     by_id = dict(zip(ids, zip(nodes, updates)))
     app = ClientApp(client_fn=lambda ctx: FixedClient(*by_id[ctx.node_id]).to_client(),
-                    mods=[refuse_revealing_runs, secagg_when_asked])
+                    mods=mods or [refuse_revealing_runs, secagg_when_asked])
     contexts = {nid: Context(run_id=1, node_id=nid, node_config={"data-dir": "/d", "org": f"{org_prefix}-{nid}"} | (node_config or {}),
                              state=RecordDict(), run_config=with_defaults(run_config)) for nid in ids}
     grid = InProcessGrid(app, contexts)
@@ -210,7 +212,8 @@ def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters(strategy.global_arrays), True)
     q = (QuantizationSettings.private(cfg.learning_rate, cfg.local_steps, len(nodes)) if cfg.org_metrics == "private"
-         else QuantizationSettings.for_round(cfg.learning_rate, cfg.local_steps, [x["n"] for x in nodes]))
+         else QuantizationSettings.for_round(cfg.learning_rate, cfg.local_steps, prepared or [x["n"] for x in nodes]))
+    strategy.quant = q  # what Federation._configure_secagg sets for the round
     SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.67, max_weight=q.max_weight,
                        clipping_range=q.clipping_range, quantization_range=q.quantization_range,
                        modulus_range=q.modulus_range)(grid, legacy)
@@ -260,7 +263,8 @@ def test_private_round_reveals_only_federated_figures():
     assert fed["num_examples"] == want["num_examples"] and fed["num_heldout"] == want["num_heldout"]
     assert abs(fed["train_loss"] - want["train_loss"]) <= errors["train_loss"]
     assert abs(strategy.fit["heldout"]["heldout_loss"] - want["heldout_loss"]) <= errors["heldout_loss"]
-    assert strategy.fit["by_org"] is None and set(strategy.fit["heldout"]) == {"heldout_loss", "num_heldout"}
+    assert strategy.fit["by_org"] is None
+    assert set(strategy.fit["heldout"]) == {"heldout_loss", "num_heldout", "heldout_orgs"}  # orgs: participation
     err = max(float(np.max(np.abs(g - w))) for g, w in zip(strategy.global_arrays, want["update"]))
     assert err < 1e-7, err  # float32 global weights
 
@@ -319,6 +323,8 @@ def test_what_the_coordinator_records_and_exports(mode):
     reporting.export_heldout(strategy.fit["heldout"])
     line = reporting.heldout_log_line(0, strategy.fit["heldout"])[0] % reporting.heldout_log_line(0, strategy.fit["heldout"])[1:]
     assert record["aggregated"] == orgs and record["num_examples"] == sum(x["n"] for x in nodes)
+    # Which organisations the held-out figure covers: participation, known in both modes.
+    assert strategy.fit["heldout"]["heldout_orgs"] == orgs
     assert REGISTRY.get_sample_value("fedlora_org_rounds_aggregated_total", {"org": orgs[0]}) >= 1
     # A counter that never failed is 0, not absent: dashboards and rate() need the series.
     assert REGISTRY.get_sample_value("fedlora_org_rounds_failed_total", {"org": orgs[0]}) == 0
