@@ -192,13 +192,8 @@ JOIN_ORG_ENV := $(wildcard docker/join/org.env)
 COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) $(COMPOSE) -p fedlora-$(ORG) --env-file docker/join/.env \
 	$(if $(JOIN_ORG_ENV),--env-file $(JOIN_ORG_ENV)) -f docker/join/compose.yaml
 COMPOSE_JOIN_GPU = $(COMPOSE_JOIN) -f docker/join/compose.gpu.yaml
-define check_org
-	@[[ "$(ORG)" =~ ^[a-z0-9-]{1,40}$$ ]] || { echo "ORG='$(ORG)' is not a valid organisation name: give ORG=clinic-a" \
-		"(1-40 lowercase letters, digits or '-'), the name the coordinator registers you under." >&2; exit 1; }
-endef
 
 org-key: ## Create this organisation's node key pair certs/nodes/ORG.key (0600) and .pub, if missing (ORG=clinic-a)
-	$(check_org)
 	mkdir -p "$(CERTS_DIR)/nodes"
 	$(COMPOSE) build superlink
 	@$(TOOL) -v "$(CURDIR)/certs/node_key.py:/tool/node_key.py:ro" -v "$(abspath $(CERTS_DIR))/nodes:/keys" \

@@ -25,7 +25,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-ORG_PATTERN = re.compile(r"^[a-z0-9-]{1,40}$")
+ORG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
 
 class NodeKeyError(Exception):
@@ -34,7 +34,7 @@ class NodeKeyError(Exception):
 
 def check_org(org: str) -> str:
     if not ORG_PATTERN.match(org):
-        raise NodeKeyError(f"invalid organisation name {org!r}: use 1-40 lowercase letters, digits or '-', e.g. clinic-a")
+        raise NodeKeyError(f"invalid organisation name {org!r}: use 1-40 lowercase letters, digits or '-', starting with a letter or digit, e.g. clinic-a")
     return org
 
 

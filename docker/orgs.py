@@ -15,9 +15,6 @@ never two names.
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
-import re
 import sys
 from pathlib import Path
 
@@ -28,25 +25,19 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.cli.utils import init_http_client_from_connection
 from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest, UnregisterNodeRequest
 
-# Also the label value in every metric and the folder-safe name in outputs: keep it plain.
-ORG_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
-
+# One rule for organisation names and one fingerprint, shared with `make org-key`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "certs"))
+import node_key  # noqa: E402
 
 class OrgError(Exception):
     """Refused; the message says why and what to do."""
 
 
-def fingerprint(key_file: Path) -> str:
-    """As `ssh-keygen -lf` prints it, for the organisation to confirm over another channel."""
-    blob = base64.b64decode(key_file.read_text().split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-
-
 def check_name(org: str) -> str:
-    if not ORG_NAME.match(org):
-        raise OrgError(f"organisation name {org!r} must be 1-40 lowercase letters, digits or '-', starting with "
-                       "a letter or digit (it becomes a metric label and a node's --node-config org)")
-    return org
+    try:
+        return node_key.check_org(org)
+    except node_key.NodeKeyError as err:
+        raise OrgError(f"{err} (it becomes a metric label and the node's ORG)") from None
 
 
 class Register:
@@ -113,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{n.name or '(no name: not usable)':<24} {n.node_id:<22} {n.status:<12} {since}")
         elif args.command == "register":
             node_id = register.register(args.org, args.key)
-            print(f"registered '{args.org}' (node {node_id}), key {fingerprint(args.key)}: check this fingerprint with "
+            print(f"registered '{args.org}' (node {node_id}), key {node_key.fingerprint(args.key.read_text())}: check this fingerprint with "
                   f"the organisation. Its SuperNode can now join with the matching private key and ORG={args.org}.")
         elif args.command == "ensure":
             print(f"'{args.org}' registered (node {register.ensure(args.org, args.key)})")

@@ -32,7 +32,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-ORG_PATTERN = re.compile(r"^[a-z0-9-]{1,40}$")
+ORG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 CONNECT_TIMEOUT = 5.0
 # Flower's node authentication (flwr.common.constant, superlink/routers/fleet/node_auth.py)
 # accepts a signature whose age on the SuperLink's clock is within

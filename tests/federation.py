@@ -44,17 +44,13 @@ def offline_env(**extra: str) -> dict[str, str]:
 
 
 def write_node_key(path: Path) -> Path:
-    """An organisation's node key pair, as `ssh-keygen -t ecdsa -b 384` makes it: PATH, PATH.pub."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    """An organisation's node key pair, made by the tool `make org-key` runs: PATH and PATH.pub."""
+    import importlib.util
 
-    key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
-    path.with_suffix(".pub").write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
-    return path
+    spec = importlib.util.spec_from_file_location("node_key", REPO / "certs" / "node_key.py")
+    node_key = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(node_key)
+    return node_key.create(path.parent, path.stem)[0]
 
 
 class LocalFederation:
