@@ -336,7 +336,11 @@ def test_an_organisation_joins_from_its_own_host_through_the_join_kit(stack, run
     assert make("register-org", f"ORG={org}", f"KEY={root / 'certs' / 'nodes' / f'{org}.pub'}").returncode == 0
     try:
         assert make("join").returncode == 0
-        assert promql(stack, f'fedlora_node_up{{org="{org}"}} == 1')
+        # Connected, in the SuperLink's view, within a scrape or two.
+        deadline = time.monotonic() + 30
+        while not promql(stack, f'fedlora_node_up{{org="{org}"}} == 1'):
+            assert time.monotonic() < deadline, promql(stack, f'fedlora_node_up{{org="{org}"}}')
+            time.sleep(2)
 
         config = {"base-model": "/models/tiny-sd", "resolution": 32, "num-server-rounds": 1, "local-steps": 2,
                   "min-nodes": 4, "sample-every": 0, "output-dir": "/outputs/four"}
