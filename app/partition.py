@@ -64,7 +64,7 @@ KNOWN_DATASETS = {
     },
 }
 # Formats the nodes read, as Pillow names them; anything else is re-encoded as PNG.
-_SUFFIX_BY_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tiff"}
+_SUFFIX_BY_FORMAT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tiff"}
 
 
 class PartitionError(ValueError):
@@ -73,7 +73,8 @@ class PartitionError(ValueError):
 
 def _org_pattern():
     # One rule for organisation names: the node keys' (certs/node_key.py, not a package).
-    spec = importlib.util.spec_from_file_location("node_key", Path(__file__).resolve().parents[1] / "certs" / "node_key.py")
+    path = Path(__file__).resolve().parents[1] / "certs" / "node_key.py"
+    spec = importlib.util.spec_from_file_location("node_key", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.ORG_PATTERN
@@ -83,7 +84,7 @@ def load(source: str, split: str):
     """The `split` of a hub dataset id, a saved dataset or an image folder, as a datasets.Dataset."""
     import datasets
 
-    path = Path(source)
+    path = Path(source).expanduser()
     try:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))
@@ -94,8 +95,11 @@ def load(source: str, split: str):
             return loaded
         if path.is_dir():
             return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
-        if path.exists() or source.startswith((".", "/")):
-            raise PartitionError(f"{source} is neither a saved dataset (save_to_disk) nor a folder of images")
+        if path.exists():
+            raise PartitionError(f"{source} is a file: give a saved dataset (save_to_disk), a folder of images "
+                                 "or a hub id")
+        if source.startswith((".", "/", "~")):
+            raise PartitionError(f"{source} does not exist")
         return datasets.load_dataset(source, split=split)
     except PartitionError:
         raise
@@ -117,8 +121,8 @@ def _image_column(dataset, wanted: str | None) -> str:
     return found[0]
 
 
-def _label_names(dataset, column: str, renames: dict[str, str]) -> list[str] | None:
-    """Each row's label as text (ClassLabel names, renamed where `renames` says), or None."""
+def _label_names(dataset, column: str, renames: dict[str, str]) -> list[str]:
+    """Each row's label as text: ClassLabel names or values, renamed where `renames` says."""
     from datasets import ClassLabel
 
     feature = dataset.features[column]
@@ -147,14 +151,17 @@ def split_dataset(args) -> tuple[list, str, str | None]:
     """The partitions (datasets.Dataset each), the image column and the label column (or None)."""
     dataset = load(args.dataset, args.split)
     image_column = _image_column(dataset, args.image_column)
+    columns = ", ".join(dataset.column_names)
     for option, column in (("--caption-column", args.caption_column), ("--label-column", args.label_column)):
         if column and column not in dataset.column_names:
-            raise PartitionError(f"unknown column {column!r} ({option}): the dataset has {', '.join(dataset.column_names)}")
+            raise PartitionError(f"unknown column {column!r} ({option}): the dataset has {columns}")
     label_column = args.label_column or ("label" if "label" in dataset.column_names else None)
-    if label_column is None and (args.alpha is not None or not args.caption_column):
-        need = "Dirichlet (--alpha) splits by label" if args.alpha is not None else "captions come from a template over labels"
-        raise PartitionError(f"{need}, but the dataset has no column 'label' (columns: {', '.join(dataset.column_names)}): "
-                             "name one with --label-column" + ("" if args.alpha is not None else ", or give --caption-column"))
+    if label_column is None and args.alpha is not None:
+        raise PartitionError(f"Dirichlet (--alpha) splits by label, but the dataset has no column 'label' "
+                             f"(columns: {columns}): name one with --label-column")
+    if label_column is None and not args.caption_column:
+        raise PartitionError(f"captions come from a template over labels, but the dataset has no column 'label' "
+                             f"(columns: {columns}): name one with --label-column, or give --caption-column")
     if len(dataset) < args.partitions * MIN_IMAGES:
         raise PartitionError(f"{len(dataset)} images cannot give {args.partitions} organisations {MIN_IMAGES} images "
                              f"each (a node needs {MIN_IMAGES}): use fewer --partitions")
@@ -189,7 +196,7 @@ def _image_bytes(value: dict) -> tuple[bytes, str]:
         if suffix in IMAGE_SUFFIXES:
             return data, suffix
         out = io.BytesIO()
-        img.save(out, format="PNG")
+        (img.convert("RGB") if img.mode in ("CMYK", "YCbCr") else img).save(out, format="PNG")
         return out.getvalue(), ".png"
 
 
@@ -298,8 +305,8 @@ def run(args, names: list[str]) -> None:
     # Checked before anything is loaded or written: a split half written over is worse than none.
     existing = [f for f in folders if f.exists() and (not f.is_dir() or any(f.iterdir()))]
     if existing and not args.force:
-        raise PartitionError(f"{', '.join(map(str, existing))} already exist(s): an organisation's folder is only "
-                             "replaced with --force (or choose another --out or --prefix)")
+        raise PartitionError(f"{', '.join(map(str, existing))} already exist{'s' if len(existing) == 1 else ''}: "
+                             "an organisation's folder is only replaced with --force (or choose another --out or --prefix)")
     known = KNOWN_DATASETS.get(args.dataset, {})
     renames = dict(known.get("label_names", {}))
     if args.label_names:
@@ -315,21 +322,25 @@ def run(args, names: list[str]) -> None:
     how = "IID" if args.alpha is None else f"Dirichlet by {label_column!r}, alpha={args.alpha}"
     print(f"{args.dataset} [{args.split}]: {sum(map(len, partitions))} images into {len(partitions)} "
           f"organisations ({how}, seed {args.seed})")
-    rows = []
-    for partition, folder in zip(partitions, folders):
+    # Every caption first: a bad one must stop the command before any folder is written.
+    contents = []
+    for partition in partitions:
         labels = _label_names(partition, label_column, renames) if label_column else None
         if args.caption_column:
             captions = partition[args.caption_column]
-            empty = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
+            empty = sum(1 for c in captions if not isinstance(c, str) or not c.strip())
             if empty:
-                raise PartitionError(f"column {args.caption_column!r} has {len(empty)} empty or non-text caption(s) "
-                                     f"in {folder.name}'s images: fill them in or use --caption-template")
+                raise PartitionError(f"column {args.caption_column!r} has {empty} empty or non-text caption(s): "
+                                     "fill them in or use --caption-template")
         else:
             captions = [template.format(label=label) for label in labels]
+        contents.append((captions, labels))
+    for partition, folder, (captions, labels) in zip(partitions, folders, contents):
         write_org(partition, folder, image_column, captions, labels)
-        rows.append((folder.name, len(partition), labels))
+    rows = [(folder.name, len(partition), labels) for partition, folder, (_, labels) in zip(partitions, folders, contents)]
     print(_table(rows))
-    print(f"captions like {captions[0]!r}; written to {args.out}/ ({', '.join(names)})")
+    source = f"column {args.caption_column!r}" if args.caption_column else f"{template!r}, e.g. {contents[0][0][0]!r}"
+    print(f"captions: {source}; written to {args.out}/ ({', '.join(names)})")
     strays = sorted(p.name for p in args.out.glob(f"{args.prefix}-*") if p.is_dir() and p.name not in names)
     if strays:
         print(f"note: {args.out} also holds {', '.join(strays)}, not from this split")

@@ -192,3 +192,20 @@ def test_command_line_on_an_image_folder_with_class_subfolders(tmp_path):
     assert {r["label"] for rows in orgs.values() for r in rows} == set(LABELS)
     for org, rows in orgs.items():
         assert re.search(rf"^{org} +{len(rows)} +\d+ ", done.stdout, re.MULTILINE), done.stdout
+
+
+def test_a_dataset_without_labels_or_with_an_empty_caption_is_refused(tmp_path):
+    from datasets import Dataset, Features, Image, Value
+
+    images = [img for _, img, _ in _images()][:8]
+    texts = [f"photo {i}" for i in range(7)] + [""]
+    saved = tmp_path / "unlabelled"
+    Dataset.from_dict({"image": images, "text": texts}, features=Features({"image": Image(), "text": Value("string")})
+                      ).save_to_disk(str(saved))
+    out = tmp_path / "data"
+    for args, message in [(["--caption-column", "text"], r"'text' has 1 empty or non-text caption"),
+                          ([], r"captions come from a template over labels.*no column 'label'.*--caption-column"),
+                          (["--alpha", "1", "--caption-column", "text"], r"Dirichlet \(--alpha\) splits by label")]:
+        with pytest.raises(SystemExit, match=message):
+            main([str(saved), "--out", str(out), "--partitions", "2", *args])
+        assert not out.exists()
