@@ -12,6 +12,7 @@ PYTEST_ARGS ?=
 
 # Host folders, as in .env unless set in the environment.
 CERTS_DIR ?= $(shell sed -n 's/^CERTS_DIR=//p' .env)
+DATA_DIR ?= $(shell sed -n 's/^DATA_DIR=//p' .env)
 OUTPUTS_DIR ?= $(shell sed -n 's/^OUTPUTS_DIR=//p' .env)
 IMAGE_PREFIX ?= $(shell sed -n 's/^IMAGE_PREFIX=//p' .env)
 IMAGE_TAG ?= $(shell sed -n 's/^IMAGE_TAG=//p' .env)
@@ -50,7 +51,7 @@ ORGS_TOOL = $$(sed -n '1s/^\#!//p' $(FLWR_CLI)) docker/orgs.py remote-federation
 DEMO_RUN_CONFIG ?= base-model="/models/tiny-sd" resolution=32 num-server-rounds=2 local-steps=20 \
 	learning-rate=1e-3 heldout-fraction=0.25 sample-steps=4 output-dir="/outputs/demo"
 
-.PHONY: help install test test-fast bench tiny-model demo-data clean-venv certs check-certs build outputs \
+.PHONY: help install test test-fast bench tiny-model demo-data partition clean-venv certs check-certs build outputs \
 	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs
 
 help: ## List the targets
@@ -79,6 +80,17 @@ tiny-model: install ## Write the offline tiny Stable Diffusion pipeline to model
 
 demo-data: install ## Write three synthetic organisations' image folders to data/ (tests, demo)
 	$(PY) -m app.offline demo-data data --orgs 3
+
+# `make partition`: a dataset into organisations' folders (README: "Bring your own data"). Empty
+# DATASET: the command's default (Oxford Flowers); empty ALPHA: an IID split.
+DATASET ?=
+PARTITIONS ?= 3
+ALPHA ?=
+SEED ?= 0
+PARTITION_ARGS ?=
+partition: install ## Split a Hugging Face or local dataset into organisations' folders in DATA_DIR (DATASET=... PARTITIONS=3 ALPHA=0.5 PARTITION_ARGS=--force)
+	$(PY) -m app.partition $(if $(DATASET),"$(DATASET)") --out "$(DATA_DIR)" --partitions $(PARTITIONS) \
+		$(if $(ALPHA),--alpha $(ALPHA)) --seed $(SEED) $(PARTITION_ARGS)
 
 clean-venv: ## Delete .venv
 	rm -rf $(VENV)

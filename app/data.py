@@ -24,6 +24,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA = "metadata.jsonl"
+# One to train on and one to hold out.
+MIN_IMAGES = 2
 # 8-bit colour modes convert to RGB losslessly; 16-bit/float modes would be silently clipped.
 _CONVERTIBLE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"}
 
@@ -58,9 +60,9 @@ def discover(data_dir: Path, default_caption: str | None) -> list[Example]:
                 f"{METADATA} lines {{\"file_name\": ..., \"text\": ...}} or set --node-config default-caption=\"...\""
             )
         examples = [Example(p, default_caption or "", p.name) for p in images]
-    if len(examples) < 2:
+    if len(examples) < MIN_IMAGES:
         raise DataError(
-            f"{data_dir} holds {len(examples)} usable image(s): at least 2 are needed (one to train on, "
+            f"{data_dir} holds {len(examples)} usable image(s): at least {MIN_IMAGES} are needed (one to train on, "
             f"one held out); supported types are {', '.join(sorted(IMAGE_SUFFIXES))}"
         )
     return examples
