@@ -48,11 +48,17 @@ endif
 # docker/orgs.py runs with the flwr CLI's own Python: it uses Flower's Control API client.
 ORGS_TOOL = $$(sed -n '1s/^\#!//p' $(FLWR_CLI)) docker/orgs.py remote-federation
 # The offline demo: the tiny random model and synthetic data that `make demo` writes.
-DEMO_RUN_CONFIG ?= base-model="/models/tiny-sd" resolution=32 num-server-rounds=2 local-steps=20 \
-	learning-rate=1e-3 heldout-fraction=0.25 sample-steps=4 output-dir="/outputs/demo"
+DEMO_SETTINGS := resolution=32 num-server-rounds=2 local-steps=20 learning-rate=1e-3 heldout-fraction=0.25 sample-steps=4
+DEMO_RUN_CONFIG ?= base-model="/models/tiny-sd" output-dir="/outputs/demo" $(DEMO_SETTINGS)
+# The same demo in Flower's Simulation Engine on this host (`make simulate`): no containers, so
+# paths are this host's, absolute (the simulation runs in the background local SuperLink's directory).
+SIM_NODES ?= 3
+SIM_RUN_CONFIG ?= base-model="$(CURDIR)/models/tiny-sd" sim-data-dir="$(CURDIR)/data" \
+	output-dir="$(CURDIR)/outputs/simulation" $(DEMO_SETTINGS)
 
 .PHONY: help install test test-fast bench tiny-model demo-data partition clean-venv certs check-certs build outputs \
-	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs
+	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs \
+	simulation-config simulate
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -61,7 +67,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "torch==$$(sed -n 's/^ *"torch==\(.*\)",/\1/p' pyproject.toml)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,simulation]"
 	touch $@
 
 install: $(VENV)/.installed ## Create .venv with the app, Flower and the test tools
@@ -94,6 +100,22 @@ partition: install ## Split a Hugging Face or local dataset into organisations' 
 
 clean-venv: ## Delete .venv
 	rm -rf $(VENV)
+
+# --- Trying it without Docker: Flower's Simulation Engine -------------------------------------
+
+simulation-config: ## Declare the `local-simulation` federation in $FLWR_HOME: Flower's Simulation Engine, SIM_NODES=3 nodes
+	@python3 docker/flwr_connection.py "$(FLWR_CONFIG)" local-simulation --simulation $(SIM_NODES)
+
+# The local SuperLink that `flwr` starts in the background runs this environment's Flower (with torch
+# and ray), and runs the app in it rather than `uv sync`ing a fresh environment for every run.
+simulate: export PATH := $(abspath $(VENV))/bin:$(PATH)
+simulate: export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+simulate: install simulation-config ## Try the app without Docker (not a deployment: no TLS, no node auth): tiny model, demo data, 2 SecAgg+ rounds in Flower's Simulation Engine
+	@test -d models/tiny-sd || $(MAKE) --no-print-directory tiny-model
+	@test -d data/org-1 || $(PY) -m app.offline demo-data data --orgs $(SIM_NODES)
+	$(call submit_run,$(SIM_RUN_CONFIG),local-simulation,$(VENV)/bin/flwr)
+	@echo; echo "Outputs of the simulation (on this host): outputs/simulation/final/pytorch_lora_weights.safetensors," \
+		"outputs/simulation/metrics.jsonl, outputs/simulation/rounds/round-*/"
 
 # --- The Compose stack ----------------------------------------------------------------------
 
@@ -143,11 +165,12 @@ flwr-config: ## Point `flwr run . remote-federation` at this stack's operator li
 
 # Submit, stream the ServerApp's log, then ask how that run ended: `flwr run --stream` exits 0
 # even when the ServerApp failed (Flower 1.41), and the newest run may be someone else's.
+# $(call submit_run,RUN_CONFIG[,CONNECTION[,FLWR]]): remote-federation and $(FLWR_CLI) by default.
 define submit_run
-	@set -e; run_id=$$($(FLWR_CLI) run . remote-federation --format json $(if $(1),--run-config '$(1)') \
+	@set -e; run_id=$$($(or $(3),$(FLWR_CLI)) run . $(or $(2),remote-federation) --format json $(if $(1),--run-config '$(1)') \
 		| python3 docker/run_status.py --run-id); \
-	$(FLWR_CLI) log $$run_id remote-federation --stream || true; \
-	python3 docker/run_status.py $(FLWR_CLI) remote-federation $$run_id
+	$(or $(3),$(FLWR_CLI)) log $$run_id $(or $(2),remote-federation) --stream || true; \
+	python3 docker/run_status.py $(or $(3),$(FLWR_CLI)) $(or $(2),remote-federation) $$run_id
 endef
 
 run: $(FLWR_CLI) ## Start a training run and follow it: flwr run . remote-federation (RUN_CONFIG='num-server-rounds=10 ...')

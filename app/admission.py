@@ -7,6 +7,13 @@ run, when its key was registered without a name, when another connected node hol
 or when its `--node-config org` differs from its registered name (a misconfigured or dishonest
 node). Admitted nodes encode their data once ("prepare") and report their example counts.
 
+One exception, for trying the app on one machine: in Flower's Simulation Engine nothing is
+registered (simulated nodes have no key and no name), so there a node is named by its own node
+config (org-N for partition N-1, app/config.py). Whether the run is a simulation is decided by the
+grid Flower hands the ServerApp (`InMemoryGrid`: the Simulation Engine's, in the same process as
+the nodes), never by a run setting: a deployment's ServerApp always gets a grid to a SuperLink, so
+its nodes are still admitted by registration only.
+
 Preparing is asked for without waiting on it: a first-time encoding of a large folder can take far
 longer than nodes take to connect, so it has its own bound (prepare-timeout), and a node that joins
 mid-run never holds up the nodes that are ready; it takes part from the round after it answers.
@@ -40,8 +47,10 @@ class RunFailed(RuntimeError):
 
 
 class Admission:
-    def __init__(self, grid, clients: SimpleClientManager, cfg: RunConfig, org_of: dict[int, str]) -> None:
+    def __init__(self, grid, clients: SimpleClientManager, cfg: RunConfig, org_of: dict[int, str],
+                 simulated: bool = False) -> None:
         self.grid, self.clients, self.cfg = grid, clients, cfg
+        self.simulated = simulated  # Flower's Simulation Engine: no registration, names from node config
         self.org_of = org_of  # node id -> registered organisation, for admitted nodes
         self.proxies: dict[int, ClientProxy] = {}
         self.counts: dict[int, int] = {}  # node id -> training examples, for prepared nodes
@@ -54,8 +63,17 @@ class Admission:
             self.refused[nid] = why
             log(ERROR, "refused node %s: %s", nid, why)
 
+    def _online(self) -> dict[int, str]:
+        """Online nodes: id -> registered organisation (in simulation: its name once prepared, a label before)."""
+        nodes = self.grid.get_nodes()
+        if self.simulated:
+            return {n.node_id: self.org_of.get(n.node_id, f"simulated node {n.node_id}") for n in nodes}
+        return {n.node_id: n.name for n in nodes}
+
     def _identify(self, online: dict[int, str]) -> None:
         """Refuse online nodes whose registration does not name exactly one organisation."""
+        if self.simulated:
+            return  # nothing is registered: a simulated node is named by its prepare reply (_admit)
         holders = Counter(name for name in online.values() if name)
         for nid, name in online.items():
             if not name:
@@ -69,7 +87,7 @@ class Admission:
     def _prepare_new_nodes(self) -> dict[int, str]:
         """Ask unseen nodes to encode their data and admit those whose answers have arrived, without
         waiting; returns the errors of nodes that failed or went away while preparing, by node."""
-        online = {n.node_id: n.name for n in self.grid.get_nodes()}
+        online = self._online()
         for gone in set(self.proxies) - set(online):
             self.clients.unregister(self.proxies.pop(gone))
             self.counts.pop(gone, None)
@@ -97,7 +115,7 @@ class Admission:
             if error:
                 errors[nid] = error
             else:
-                log(INFO, "prepare: %s answered in %.1f s", online[nid], time.monotonic() - sent)
+                log(INFO, "prepare: %s answered in %.1f s", self.org_of.get(nid, online[nid]), time.monotonic() - sent)
         for error in errors.values():
             log(ERROR, "a node could not prepare its data: %s", error)
         return errors
@@ -110,7 +128,12 @@ class Admission:
         if res.status.code != Code.OK:
             return f"{org}: {res.status.message}"
         props = res.properties
-        if props["org"] != org:
+        if self.simulated:
+            org = str(props["org"])
+            if org in {self.org_of[n] for n in self.proxies}:
+                self._refuse(nid, f"another simulated node is already '{org}'")
+                return None
+        elif props["org"] != org:
             self._refuse(nid, f"registered as '{org}' but configured as '{props['org']}'. Its admin: start the "
                               f"SuperNode with --node-config org='{org}' (ORG={org}); it can join the next run.")
             return None

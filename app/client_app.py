@@ -108,7 +108,7 @@ def _export_round(cfg: RunConfig, org: str, report: dict, num_elements: int) -> 
 class LoraClient(NumPyClient):
     def __init__(self, context: Context) -> None:
         self.cfg = RunConfig.from_flower(context.run_config)
-        self.node = NodeConfig.from_flower(context.node_config)
+        self.node = NodeConfig.from_flower(context.node_config, context.run_config)
 
     def get_properties(self, config):
         from . import model
@@ -151,7 +151,7 @@ def refuse_revealing_runs(msg, ctxt, call_next):
 
     Checked on every message, before any work, so that not even the prepare reply goes out. This is
     the app's own check: it binds an honest coordinator, not one that ships other code."""
-    node = NodeConfig.from_flower(ctxt.node_config)
+    node = NodeConfig.from_flower(ctxt.node_config, ctxt.run_config)
     if not node.share_metrics and RunConfig.from_flower(ctxt.run_config).org_metrics != "private":
         raise ConfigError(
             f"organisation {node.org} does not reveal its per-organisation metrics (node setting "

@@ -62,6 +62,7 @@ class RunConfig:
     sample_every: int
     sample_steps: int
     sample_prompts: tuple[str, ...]
+    sim_data_dir: str
 
     @classmethod
     def from_flower(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -90,6 +91,7 @@ class RunConfig:
             sample_every=_get(cfg, "sample-every", int),
             sample_steps=_get(cfg, "sample-steps", int),
             sample_prompts=tuple(p.strip() for p in _get(cfg, "sample-prompts", str).split("|") if p.strip()),
+            sim_data_dir=_get(cfg, "sim-data-dir", str),
         )
         c._validate()
         return c
@@ -157,6 +159,21 @@ class RunConfig:
         }
 
 
+def is_simulated_node(node_config: Mapping[str, Any]) -> bool:
+    """A node of Flower's Simulation Engine: it gets only partition-id and num-partitions.
+
+    A SuperNode of this project always has data-dir and org (--node-config); a node that has them
+    is never treated as simulated."""
+    return ("partition-id" in node_config and "num-partitions" in node_config
+            and "data-dir" not in node_config and "org" not in node_config)
+
+
+def _default_cache() -> str | Path:
+    return os.environ.get("FEDLORA_CACHE") or (
+        Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "fedlora"
+    )
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     data_dir: Path
@@ -167,18 +184,40 @@ class NodeConfig:
     share_metrics: bool = True
 
     @classmethod
-    def from_flower(cls, cfg: Mapping[str, Any]) -> NodeConfig:
+    def from_flower(cls, cfg: Mapping[str, Any], run_config: Mapping[str, Any] | None = None) -> NodeConfig:
+        if run_config is not None and is_simulated_node(cfg):
+            return cls.simulated(int(cfg["partition-id"]), _get(run_config, "sim-data-dir", str))
         missing = [k for k in ("data-dir", "org") if not str(cfg.get(k, "")).strip()]
         if missing:
             raise ConfigError(
                 f"SuperNode --node-config lacks {', '.join(missing)}: start it with "
                 "--node-config 'data-dir=\"/data\" org=\"my-org\"'"
             )
-        cache = cfg.get("cache-dir") or os.environ.get("FEDLORA_CACHE") or (
-            Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "fedlora"
-        )
+        cache = cfg.get("cache-dir") or _default_cache()
         caption = str(cfg.get("default-caption", "")).strip() or None
         share = cfg.get("share-metrics", True)
         if not isinstance(share, bool):
             raise ConfigError(f"SuperNode --node-config 'share-metrics' must be true or false (unquoted), got {share!r}")
         return cls(Path(str(cfg["data-dir"])), str(cfg["org"]), caption, Path(str(cache)), share)
+
+    @classmethod
+    def simulated(cls, partition_id: int, sim_data_dir: str) -> NodeConfig:
+        """Simulated node N (partition-id N-1) is organisation org-N reading <sim-data-dir>/org-N: the
+        layout `make demo-data` writes. Only the ServerApp of a simulation admits it by that name."""
+        org = f"org-{partition_id + 1}"
+        root = Path(sim_data_dir)
+        if not root.is_dir():
+            where = f" (relative to {Path.cwd()}, where the simulation runs)" if not root.is_absolute() else ""
+            raise ConfigError(
+                f"simulated node partition-id={partition_id} ({org}) reads {root.resolve() / org}, but run config "
+                f"sim-data-dir={sim_data_dir!r}{where} is not a directory: write demo data (`make demo-data`) or "
+                "pass an absolute path, e.g. --run-config 'sim-data-dir=\"/path/to/data\"'"
+            )
+        if not (root / org).is_dir():
+            present = sorted(d.name for d in root.iterdir() if d.is_dir())
+            raise ConfigError(
+                f"simulated node partition-id={partition_id} reads {root.resolve() / org}, which does not exist "
+                f"({root.resolve()} holds {', '.join(present) or 'no folder'}): simulate as many nodes as there are "
+                "organisation folders (num-supernodes), or write more (`make demo-data`)"
+            )
+        return cls((root / org).resolve(), org, None, Path(str(_default_cache())))

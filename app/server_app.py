@@ -18,7 +18,8 @@ So this loop drives Flower's own per-round workflows itself:
 from __future__ import annotations
 
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
 from . import metrics, reporting
 from .admission import Admission, RunFailed
@@ -147,7 +149,7 @@ class RoundStrategy(Strategy):
 
 
 class Federation:
-    def __init__(self, grid: Grid, context: Context, cfg: RunConfig) -> None:
+    def __init__(self, grid: Grid, context: Context, cfg: RunConfig, simulated: bool = False) -> None:
         self.cfg = cfg
         self.grid = TimeoutGrid(grid, cfg.round_timeout)
         self.out = OutputDir(cfg.output_dir)
@@ -157,7 +159,7 @@ class Federation:
                                     strategy=self.strategy, client_manager=self.clients)
         self.round_cfg = ConfigRecord({Key.START_TIME: time.time(), Key.CURRENT_ROUND: 0})
         self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = self.round_cfg
-        self.admission = Admission(self.grid, self.clients, cfg, self.strategy.org_of)
+        self.admission = Admission(self.grid, self.clients, cfg, self.strategy.org_of, simulated)
         self.quant: QuantizationSettings | None = None  # this round's SecAgg+ settings
         self.secagg = SecAggPlusWorkflow(
             # Every participant holds a share of every other's key; any 2/3 of them can unmask
@@ -326,4 +328,11 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
-    Federation(grid, context, cfg).run()
+    # Flower's Simulation Engine hands the ServerApp its in-process grid; a deployment's ServerApp
+    # always gets one to a SuperLink. No run setting can turn a deployment into a "simulation".
+    simulated = isinstance(grid, InMemoryGrid)
+    if simulated:
+        log(WARNING, "Flower Simulation Engine: for trying and developing on one machine, not for deploying. "
+            "No TLS, no node authentication: simulated node N is org-N and reads %s",
+            Path(cfg.sim_data_dir).resolve() / "org-N")
+    Federation(grid, context, cfg, simulated).run()

@@ -142,3 +142,29 @@ def test_the_first_round_waits_for_every_node_still_preparing():
     them all: otherwise later figures would cover other organisations than round 0's."""
     grid = PrepareGrid(ORGS, delay={1: 0.0, 2: 0.0, 3: 0.3})
     assert sorted(p.node_id for p in _admission(grid, **{"min-nodes": 2, "prepare-timeout": 60}).participants(1)) == [1, 2, 3]
+
+
+class NamelessGrid(PrepareGrid):
+    """Nodes without a registered name: how Flower's Simulation Engine creates every node, and what
+    a key registered with plain `flwr supernode register` gets. Each prepare reply names its org."""
+
+    def get_nodes(self):
+        return [SimpleNamespace(node_id=n, name="") for n in sorted(self.online)]
+
+
+def test_nameless_nodes_are_named_by_their_own_config_only_in_a_simulation():
+    # A deployment refuses them, whatever they claim (the ServerApp's `simulated` comes from the grid
+    # type Flower hands it, never from a run setting: app/server_app.py).
+    with pytest.raises(RunFailed, match="0 of min-nodes=3 .*registered without an organisation name"):
+        _admission(NamelessGrid(ORGS, delay={1: 0.0, 2: 0.0, 3: 0.0}), **{"node-wait-timeout": 0.2}).participants(1)
+
+    cfg = RunConfig.from_flower(with_defaults({"min-nodes": 2, "node-wait-timeout": 0.3}))
+    org_of: dict[int, str] = {}
+    adm = Admission(NamelessGrid(ORGS, delay={1: 0.0, 2: 0.0, 3: 0.0}), SimpleClientManager(), cfg, org_of, simulated=True)
+    assert sorted(p.node_id for p in adm.participants(1)) == [1, 2, 3]
+    assert org_of == ORGS
+    # Two simulated nodes claiming one organisation: the second one is refused.
+    twins = NamelessGrid({1: "org-1", 2: "org-1", 3: "org-3"}, delay={1: 0.0, 2: 0.05, 3: 0.0})
+    adm = Admission(twins, SimpleClientManager(), cfg, {}, simulated=True)
+    assert sorted(p.node_id for p in adm.participants(1)) == [1, 3]
+    assert adm.refused == {2: "another simulated node is already 'org-1'"}

@@ -74,3 +74,22 @@ def test_node_share_metrics_is_a_boolean():
     assert NodeConfig.from_flower(base | {"share-metrics": False}).share_metrics is False
     with pytest.raises(ConfigError, match="share-metrics' must be true or false"):
         NodeConfig.from_flower(base | {"share-metrics": "no"})
+
+
+def test_a_simulated_node_is_org_n_reading_its_folder(tmp_path, monkeypatch):
+    run = with_defaults({"sim-data-dir": str(tmp_path)})
+    simulated = {"partition-id": 1, "num-partitions": 3}  # all Flower's Simulation Engine gives a node
+    (tmp_path / "org-2").mkdir()
+    node = NodeConfig.from_flower(simulated, run)
+    assert node.org == "org-2" and node.data_dir == tmp_path / "org-2"
+    # A SuperNode's own data-dir and org always win: it is never taken for a simulated node.
+    assert NodeConfig.from_flower(simulated | {"data-dir": "/data", "org": "clinic-a"}, run).org == "clinic-a"
+
+    with pytest.raises(ConfigError, match=rf"partition-id=2 reads {tmp_path}/org-3, which does not exist "
+                                          rf"\({tmp_path} holds org-2\)"):
+        NodeConfig.from_flower(simulated | {"partition-id": 2}, run)
+    # A relative sim-data-dir is resolved where the simulation runs; the error says where that is.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"reads {tmp_path}/nowhere/org-2, but run config sim-data-dir='nowhere' "
+                                          rf"\(relative to {tmp_path}, where the simulation runs\) is not a directory"):
+        NodeConfig.from_flower(simulated, with_defaults({"sim-data-dir": "nowhere"}))

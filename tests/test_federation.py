@@ -276,9 +276,17 @@ def test_only_registered_organisations_take_part_under_their_registered_names(fe
     assert registered.returncode == 0, registered.stdout + registered.stderr
     fed.nodes["twin"] = node("org-3")
     twin = fed.start_supernode("twin", key=twin_key, register=False)
+    # A key registered without a name, on a node configured the way Flower's Simulation Engine
+    # configures its nodes: only the simulation's ServerApp names a node from its own config.
+    nameless_key = write_node_key(tmp_path / "nameless.key")
+    registered = fed.flwr("supernode", "register", str(nameless_key.with_suffix(".pub")), "local", "--format", "json")
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    nameless_id = str(json.loads(registered.stdout)["node-id"])
+    fed.nodes["nameless"] = {"partition-id": 0, "num-partitions": 3}
+    nameless = fed.start_supernode("nameless", key=nameless_key, register=False)
     try:
         deadline = time.monotonic() + 60
-        while fed.orgs("list").stdout.count(" online ") < 5:
+        while fed.orgs("list").stdout.count(" online ") < 6:
             assert time.monotonic() < deadline, fed.orgs("list").stdout
             time.sleep(1)
         cfg = tiny_run_config(tiny_model, tmp_path / "out", **{"num-server-rounds": 1, "min-nodes": 2,
@@ -289,11 +297,13 @@ def test_only_registered_organisations_take_part_under_their_registered_names(fe
         assert history(tmp_path / "out")[1]["aggregated"] == ["org-1", "org-2"]
         assert "registered as 'org-4' but configured as 'org-1'" in log
         assert log.count("2 connected nodes are registered as 'org-3'") == 2
+        assert f"refused node {nameless_id}: its key was registered without an organisation name" in log
     finally:
-        for proc in (impostor, twin):
+        for proc in (impostor, twin, nameless):
             proc.terminate()
             proc.wait(timeout=30)
         fed.orgs("unregister", "org-4")
+        fed.flwr("supernode", "unregister", nameless_id, "local")
         twin_id = next(line.split()[1] for line in fed.orgs("list").stdout.splitlines()
                        if line.startswith("org-3 ") and "offline" in line)
         fed.flwr("supernode", "unregister", twin_id, "local")
