@@ -92,12 +92,15 @@ def test_grafana_refuses_to_start_without_its_password(tmp_path):
 
 def test_gpu_overlay_gives_every_supernode_a_gpu_and_a_cuda_image():
     services = compose_config("compose.yaml", "compose.gpu.yaml")["services"]
+    cpu_base = compose_config("compose.yaml")["services"]["serverapp"]["build"]["args"]["BASE_IMAGE"]
     for name in (*SILOS, "serverapp"):
         svc = services[name]
         devices = svc["deploy"]["resources"]["reservations"]["devices"]
         assert devices and devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"], name
-        assert "cuda" in svc["image"] and "nvidia/cuda" in svc["build"]["args"]["BASE_IMAGE"], name
-        assert svc["build"]["args"]["TORCH_INDEX_URL"] == "", name  # PyPI's torch is the CUDA build
+        # The CPU image's base; PyPI's torch is the CUDA build, and the CPU wheel is refused.
+        assert "cuda" in svc["image"] and svc["build"]["args"]["BASE_IMAGE"] == cpu_base, name
+        assert svc["build"]["args"]["TORCH_INDEX_URL"] == "" and svc["build"]["args"]["TORCH_BUILD"] == "cuda", name
+        assert svc["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility", name
     assert len({services[s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0] for s in SILOS}) == 3
     assert services["org-2"]["environment"]["ORG"] == "org-2"  # the overlay merges, it does not replace
     assert "deploy" not in services["superlink"] and "cuda" not in services["superlink"]["image"]

@@ -174,7 +174,10 @@ def test_join_gpu_overlay_gives_the_node_a_gpu_and_the_cuda_image():
     node = services["node"]
     device = node["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["device_ids"] == ["0"]
-    assert node["image"].endswith("/app-cuda:0.1.0") and "nvidia/cuda" in node["build"]["args"]["BASE_IMAGE"]
+    cpu_base = join_config("docker/join/compose.yaml")["services"]["node"]["build"]["args"]["BASE_IMAGE"]
+    assert node["image"].endswith("/app-cuda:0.1.0") and node["build"]["args"]["BASE_IMAGE"] == cpu_base
+    assert node["build"]["args"]["TORCH_BUILD"] == "cuda" and node["build"]["args"]["TORCH_INDEX_URL"] == ""
+    assert node["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
     assert node["environment"]["FEDLORA_EXPECT_GPU"] == "1" and node["environment"]["ORG"] == "clinic-a"
     assert node["read_only"] is True and int(node["mem_limit"]) > 0  # the overlay merges, it does not replace
 
