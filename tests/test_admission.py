@@ -142,3 +142,14 @@ def test_the_first_round_waits_for_every_node_still_preparing():
     them all: otherwise later figures would cover other organisations than round 0's."""
     grid = PrepareGrid(ORGS, delay={1: 0.0, 2: 0.0, 3: 0.3})
     assert sorted(p.node_id for p in _admission(grid, **{"min-nodes": 2, "prepare-timeout": 60}).participants(1)) == [1, 2, 3]
+
+
+def test_fewer_than_three_participants_under_secagg_are_warned_about(caplog):
+    """With two, each can subtract its own update from the average and read the other's."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _admission(PrepareGrid(ORGS, delay={1: 0.0, 2: 0.0, 3: 0.0})).participants(1)
+        assert "hides NOTHING" not in caplog.text
+        _admission(PrepareGrid(ORGS, delay={1: 0.0, 2: 0.0}), **{"min-nodes": 2, "prepare-timeout": 0.1}).participants(1)
+    assert "round 1: only 2 participants. With fewer than 3, secure aggregation hides NOTHING" in caplog.text
