@@ -145,7 +145,7 @@ class Admission:
             log(INFO, "node of %s ready (org-metrics=private: its image counts stay on the node)", org)
             return None
         self.counts[nid] = int(props["num-train"])
-        log(INFO, "node of %s ready: %s train / %s held-out images, %s unreadable skipped",
+        log(INFO, "node of %s ready: %s train / %s held-out images, %s unusable skipped",
             org, props["num-train"], props["num-heldout"], props["skipped-images"])
         return None
 

@@ -116,7 +116,7 @@ class LoraClient(NumPyClient):
         t0 = time.perf_counter()
         data = model.prepare_data(self.cfg, self.node)
         metrics.IMAGES_SKIPPED.labels(self.node.org).set(len(data.skipped))
-        log(INFO, "[%s] data ready: %d train, %d held out, %d unreadable skipped (%.1f s)", self.node.org,
+        log(INFO, "[%s] data ready: %d train, %d held out, %d unusable skipped (%.1f s)", self.node.org,
             data.num_train, data.num_heldout, len(data.skipped), time.perf_counter() - t0)
         if self.cfg.org_metrics == "private":
             return {"org": self.node.org}

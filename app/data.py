@@ -4,9 +4,9 @@ Accepted layouts (what people already have):
 - a Hugging Face `imagefolder`: images plus `metadata.jsonl` lines {"file_name": ..., "text": ...};
 - a plain folder of images, all captioned with the node's `default-caption`.
 
-A corrupt or unreadable image is skipped and counted (the round goes on with the rest); a
-missing or empty folder, or an image the pipeline cannot use, stops with a message naming the
-file and the fix. Nothing here imports torch.
+A corrupt, unreadable or too small image is skipped and counted (the round goes on with the
+rest); a missing or empty folder, or an image that would be silently damaged (16-bit), stops with a
+message naming the file and the fix. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ METADATA = "metadata.jsonl"
 MIN_IMAGES = 2
 # 8-bit colour modes convert to RGB losslessly; 16-bit/float modes would be silently clipped.
 _CONVERTIBLE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"}
+# Why load_image skips a file, for messages that reach the coordinator (the node's log has each file's reason).
+SKIP_REASONS = ("corrupt, not an image, over Pillow's pixel limit or under half the training resolution; "
+                "the node's log says which")
 
 
 class DataError(ValueError):
@@ -126,9 +129,9 @@ def split(examples: list[Example], heldout_fraction: float, seed: int) -> tuple[
 def load_image(path: Path, resolution: int) -> np.ndarray | None:
     """Decode, resize (shorter side) and centre-crop to `resolution`; float32 HWC in [-1, 1].
 
-    Returns None for a corrupt, truncated or unreadable file, or one over Pillow's pixel limit
-    (a decompression bomb): the caller skips and counts it. Raises
-    DataError for a valid image the pipeline cannot use.
+    Returns None for a corrupt, truncated or unreadable file, one over Pillow's pixel limit (a
+    decompression bomb), or one under half the resolution: the caller skips and counts it; the log
+    says why. Raises DataError for a 16-bit or float image, which converting would silently clip.
     """
     try:
         with warnings.catch_warnings():
@@ -142,7 +145,7 @@ def load_image(path: Path, resolution: int) -> np.ndarray | None:
                 img = ImageOps.exif_transpose(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        log(WARNING, "skipping unreadable image %s (%s)", path, err)
+        log(WARNING, "skipping %s (%s)", path, err)
         return None
     if img.mode not in _CONVERTIBLE_MODES:
         raise DataError(
@@ -150,10 +153,10 @@ def load_image(path: Path, resolution: int) -> np.ndarray | None:
             "PIL's Image.open(...).convert('RGB').save(...)"
         )
     if min(img.size) < resolution // 2:
-        raise DataError(
-            f"{path} is {img.width}x{img.height}, under half the training resolution {resolution}: "
-            "upscaling that far only teaches blur; use larger images or a lower run config 'resolution'"
-        )
+        # A thumbnail or icon among an organisation's photos must not keep it out of the federation.
+        log(WARNING, "skipping %s (%dx%d, under half the training resolution %d: upscaling that far only teaches "
+            "blur; use larger images or a lower run config 'resolution')", path, img.width, img.height, resolution)
+        return None
     # Transparent pixels become white rather than whatever colour hides under alpha 0.
     if "A" in img.mode or img.mode == "P" and "transparency" in img.info:
         canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))

@@ -23,7 +23,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .config import NodeConfig, RunConfig
-from .data import DataError, Example, discover, fingerprint, load_image, split
+from .data import SKIP_REASONS, DataError, Example, discover, fingerprint, load_image, split
 from .secagg import ADAM_BETAS
 
 CACHE_VERSION = 2  # 2: entries keyed by the path relative to the data folder, not the bare file name
@@ -259,8 +259,8 @@ def prepare_data(cfg: RunConfig, node: NodeConfig) -> EncodedData:
     by_name = {n: i for i, n in enumerate(cached["names"])}
     usable = [e for e in examples if e.name in by_name]
     if len(usable) < 2:
-        raise DataError(f"{node.data_dir}: only {len(usable)} of {len(examples)} images could be read; "
-                        f"unreadable: {', '.join(cached['skipped'][:5])}")
+        raise DataError(f"{node.data_dir}: only {len(usable)} of {len(examples)} image files is usable, at least 2 "
+                        f"are needed; skipped: {', '.join(cached['skipped'][:5])} ({SKIP_REASONS})")
     train, heldout = split(usable, cfg.heldout_fraction, cfg.seed)
 
     def pick(part: list[Example], field: str) -> torch.Tensor:
@@ -299,8 +299,10 @@ def _encode(cfg: RunConfig, examples: list[Example], data_dir: Path) -> dict:
             log(INFO, "encoded %d/%d images (%.1f images/s, about %.0f s left)", i + 1, len(examples), rate,
                 (len(examples) - i - 1) / rate)
     if not latents:
-        raise DataError(f"none of the {len(examples)} images in {data_dir} could be read: check the files")
-    log(INFO, "encoded %d images in %.1f s (%d unreadable skipped)", len(names), time.perf_counter() - t0, len(skipped))
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        raise DataError(f"none of the {len(examples)} image files in {data_dir} is usable: {shown} ({SKIP_REASONS}). "
+                        "Add images this node can read, at least half the run's resolution")
+    log(INFO, "encoded %d images in %.1f s (%d unusable skipped)", len(names), time.perf_counter() - t0, len(skipped))
     return {"names": names, "latents": torch.cat(latents), "embeds": torch.cat(embeds), "skipped": skipped}
 
 

@@ -168,3 +168,14 @@ def test_nameless_nodes_are_named_by_their_own_config_only_in_a_simulation():
     adm = Admission(twins, SimpleClientManager(), cfg, {}, simulated=True)
     assert sorted(p.node_id for p in adm.participants(1)) == [1, 3]
     assert adm.refused == {2: "another simulated node is already 'org-1'"}
+
+
+def test_fewer_than_three_participants_under_secagg_are_warned_about(caplog):
+    """With two, each can subtract its own update from the average and read the other's."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _admission(PrepareGrid(ORGS, delay={1: 0.0, 2: 0.0, 3: 0.0})).participants(1)
+        assert "hides NOTHING" not in caplog.text
+        _admission(PrepareGrid(ORGS, delay={1: 0.0, 2: 0.0}), **{"min-nodes": 2, "prepare-timeout": 0.1}).participants(1)
+    assert "round 1: only 2 participants. With fewer than 3, secure aggregation hides NOTHING" in caplog.text

@@ -74,11 +74,34 @@ def test_corrupt_image_is_skipped_not_fatal(tmp_path):
     assert load_image(tmp_path / "broken.png", 32) is None
 
 
-def test_unusable_mode_and_size_name_the_file(tmp_path):
+def test_16_bit_image_names_the_file(tmp_path):
     with pytest.raises(DataError, match=r"deep\.png.*mode I;16"):
         load_image(_image(tmp_path / "deep.png", mode="I;16"), 32)
-    with pytest.raises(DataError, match=r"tiny\.png is 10x10.*resolution"):
-        load_image(_image(tmp_path / "tiny.png", size=(10, 10)), 32)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (10, 10), (15, 200)])
+def test_too_small_image_is_skipped_not_fatal(tmp_path, caplog, size):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        assert load_image(_image(tmp_path / "tiny.png", size=size), 32) is None
+    assert f"tiny.png ({size[0]}x{size[1]}, under half the training resolution 32" in caplog.text
+    assert load_image(_image(tmp_path / "half.png", size=(16, 16)), 32).shape == (32, 32, 3)  # half is enough
+
+
+def test_a_folder_without_a_usable_image_names_the_folder_and_its_files(tmp_path, tiny_model):
+    from app import model
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.png").write_bytes(b"garbage")
+    _image(tmp_path / "d" / "b.png", size=(1, 1))
+    cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
+    with pytest.raises(DataError, match=rf"none of the 2 image files in {tmp_path / 'd'} is usable: a.png, b.png "
+                                        r"\(corrupt, .*under half the training resolution"):
+        model.prepare_data(cfg, NodeConfig(tmp_path / "d", "org-x", "a photo", tmp_path / "cache"))
+    _image(tmp_path / "d" / "c.png")
+    with pytest.raises(DataError, match=r"only 1 of 3 image files is usable, at least 2 are needed; skipped: a.png, b.png"):
+        model.prepare_data(cfg, NodeConfig(tmp_path / "d", "org-x", "a photo", tmp_path / "cache"))
 
 
 def test_resize_crop_and_transparency(tmp_path):
