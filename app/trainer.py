@@ -226,7 +226,10 @@ class Connection:
             try:
                 with sock:
                     sock.settimeout(timeout)
-                    send(sock, header, arrays)
+                    try:
+                        send(sock, header, arrays)
+                    except ConnectionError:
+                        raise _Gone() from None
                     reply, out = self._replies(sock, op, timeout)
                 self.last_reply = reply
                 self._note(op, reply)
@@ -235,7 +238,7 @@ class Connection:
                 continue  # it was exiting (idle) as this message arrived: a fresh one takes it
             except _OtherTrainer as other:
                 if other.header.get("org") != self.node.org or attempt:
-                    raise TrainerCrashed(
+                    raise RuntimeError(
                         f"[{self.node.org}] refusing the trainer at {self.path} (pid {other.header.get('pid')}, "
                         f"organisation {other.header.get('org')!r}, code {str(other.header.get('code'))[:16]}): this "
                         f"run's code is {self.code[:16]}. Stop that process") from None
@@ -310,20 +313,26 @@ class Connection:
         sock = _try_connect(self.path)
         if sock:
             return sock
+        self._retire_others()
+        if self.log_path.exists():
+            self.log_path.replace(self.log_path.with_suffix(".log.1"))  # the last one's, e.g. after a crash
         proc = self._spawn()
         deadline = time.monotonic() + START_TIMEOUT
         while (sock := _try_connect(self.path)) is None:
-            # Exit status 0: another trainer of this code took the lock first; its socket will answer.
-            if proc.poll() not in (None, 0) or time.monotonic() > deadline:
-                raise TrainerCrashed(f"[{self.node.org}] the warm trainer did not start (exit status {proc.poll()}): "
+            status = proc.poll()
+            if status not in (None, 0) or time.monotonic() > deadline:
+                raise TrainerCrashed(f"[{self.node.org}] the warm trainer did not start (exit status {status}): "
                                      f"see {self.log_path} on the node")
+            if status == 0:
+                # It found the lock taken: by a trainer that is starting (its socket comes), or by
+                # one on its way out (its socket is gone already); then the next one gets the lock.
+                time.sleep(0.2)
+                if not self.path.exists():
+                    proc = self._spawn()
             time.sleep(0.05)
         return sock
 
     def _spawn(self) -> subprocess.Popen:
-        self._retire_others()
-        if self.log_path.exists():
-            self.log_path.replace(self.log_path.with_suffix(".log.1"))  # the last one's, e.g. after a crash
         with open(self.log_path, "ab") as out:
             # A session of its own: it is nobody's process group, so it outlives this message.
             return subprocess.Popen(
