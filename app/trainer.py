@@ -494,6 +494,8 @@ def _serve_one(conn: socket.socket, org: str, code: str, resident: Resident) -> 
         header, arrays = receive(conn)
     except (EOFError, OSError, ValueError):
         return True
+    if not isinstance(header, dict):
+        return True
     conn.settimeout(None)
     if header.get("org") != org:
         send(conn, {"type": "refused", "pid": os.getpid(), "org": org, "code": code})
