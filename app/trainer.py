@@ -70,7 +70,7 @@ _MAX_HEADER = 64 * 2**20
 # Every other setting, including any added later, reloads: slow, but never a stale model.
 _PER_MESSAGE = {"num_rounds", "local_steps", "learning_rate", "batch_size", "eval_timesteps", "aggregation",
                 "org_metrics", "max_images_per_node", "min_nodes", "node_wait_timeout", "prepare_timeout",
-                "round_timeout", "output_dir", "sample_every", "sample_steps", "sample_prompts"}
+                "round_timeout", "output_dir", "sample_every", "sample_steps", "sample_prompts", "sim_data_dir"}
 # Settings that shape the latents only, and the model only.
 _DATA_ONLY = {"resolution", "heldout_fraction"}
 _MODEL_ONLY = {"lora_rank", "lora_alpha", "lora_targets"}
