@@ -222,6 +222,10 @@ def test_without_warm_trainer_the_clientapp_works_in_process(tiny_model, demo_da
     n = Node(tiny_model, demo_data, own_cache)
     node = NodeConfig.from_flower(n.node_config | {"warm-trainer": False})
     assert trainer.connection(node, n.run_config, n.node_config) is None
+    # Flower's Simulation Engine runs ClientApps in its own long-lived workers: they work in process.
+    simulated = NodeConfig.from_flower({"partition-id": 0, "num-partitions": 3},
+                                       n.run_config | {"sim-data-dir": str(demo_data)})
+    assert simulated.org == ORG and trainer.connection(simulated, n.run_config, {}) is None
 
 
 def test_the_clientapp_side_imports_no_torch():
