@@ -71,7 +71,7 @@ def prepare(cfg: RunConfig, node: NodeConfig, resident=FromDisk) -> dict:
     t0 = time.perf_counter()
     data = resident.data(cfg, node)
     metrics.IMAGES_SKIPPED.labels(node.org).set(len(data.skipped))
-    log(INFO, "[%s] data ready: %d train, %d held out, %d unreadable skipped (%.1f s)", node.org,
+    log(INFO, "[%s] data ready: %d train, %d held out, %d unusable skipped (%.1f s)", node.org,
         data.num_train, data.num_heldout, len(data.skipped), time.perf_counter() - t0)
     if cfg.org_metrics == "private":
         return {"org": node.org}
