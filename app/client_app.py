@@ -7,7 +7,9 @@ Message by message (each in a fresh process under Flower 1.41):
   the sum over all nodes.
 - evaluate: held-out loss of the final global adapter, which no later fit will measure.
 The SecAgg+ key-exchange stages never reach the client below, so torch is imported only on the
-stages that train or evaluate.
+stages that train or evaluate. By default not even there: those stages hand their work to the node's
+warm trainer (app/trainer.py), which keeps the model and latents loaded between messages and runs
+the same functions below (`prepare`, `local_update`, `measure`) with what it holds.
 
 Under org-metrics="private" the node's own figures leave it only inside the SecAgg+ vector: the
 prepare reply carries no counts, the fit reply is re-encoded by `secagg_when_asked` (app/secagg.py's
@@ -29,7 +31,7 @@ from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from . import metrics
+from . import metrics, trainer
 from .config import ConfigError, NodeConfig, RunConfig
 from .secagg import adam_update_bound, private_vector
 
@@ -43,7 +45,41 @@ def round_seed(seed: int, rnd: int, org: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{rnd}:{org}".encode()).digest()[:7], "big")
 
 
-def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarray], rnd: int):
+class FromDisk:
+    """Where the functions below get the model and the latents without a warm trainer: from disk,
+    anew for every message. The warm trainer passes its own `Resident`, which keeps them."""
+
+    @staticmethod
+    def data(cfg: RunConfig, node: NodeConfig):
+        from . import model
+
+        return model.prepare_data(cfg, node)
+
+    @staticmethod
+    def net(cfg: RunConfig):
+        from . import model
+
+        return model.LoraUNet.load(cfg)
+
+    @staticmethod
+    def training_starts() -> None:
+        pass
+
+
+def prepare(cfg: RunConfig, node: NodeConfig, resident=FromDisk) -> dict:
+    """The prepare reply: encode the node's images into the latent cache (once) and count them."""
+    t0 = time.perf_counter()
+    data = resident.data(cfg, node)
+    metrics.IMAGES_SKIPPED.labels(node.org).set(len(data.skipped))
+    log(INFO, "[%s] data ready: %d train, %d held out, %d unusable skipped (%.1f s)", node.org,
+        data.num_train, data.num_heldout, len(data.skipped), time.perf_counter() - t0)
+    if cfg.org_metrics == "private":
+        return {"org": node.org}
+    return {"org": node.org, "num-train": data.num_train, "num-heldout": data.num_heldout,
+            "skipped-images": len(data.skipped)}
+
+
+def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarray], rnd: int, resident=FromDisk):
     """One organisation's round: returns (update arrays, example count, metrics).
 
     Deterministic given its inputs, which is what lets tests recompute an update outside Flower.
@@ -51,8 +87,8 @@ def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarra
     from . import model
 
     t0 = time.perf_counter()
-    data = model.prepare_data(cfg, node)
-    net = model.LoraUNet.load(cfg)
+    data = resident.data(cfg, node)
+    net = resident.net(cfg)
     received = model.load_lora(net.unet, net.names, global_arrays)
     # Evaluate what was received before training on it: the held-out loss of the previous
     # round's global adapter (of the base model in round 1) without a separate evaluate message.
@@ -65,6 +101,7 @@ def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarra
     log(INFO, "[%s] round %d: global %s has held-out loss %.5f; training %d steps on %d images", node.org, rnd,
         received, heldout, cfg.local_steps, data.num_train)
     step_seconds = metrics.STEP_SECONDS.labels(node.org)
+    resident.training_starts()
     try:
         stats = net.train(data, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
                           round_seed(cfg.seed, rnd, node.org), on_step=step_seconds.observe)
@@ -105,45 +142,48 @@ def _export_round(cfg: RunConfig, org: str, report: dict, num_elements: int) -> 
     metrics.LAST_ROUND.labels(org).set_to_current_time()
 
 
+def measure(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarray], rnd, resident=FromDisk):
+    """The held-out loss of a global adapter no later fit will measure: (loss, count, metrics)."""
+    from . import model
+
+    t0 = time.perf_counter()
+    data = resident.data(cfg, node)
+    net = resident.net(cfg)
+    received = model.load_lora(net.unet, net.names, global_arrays)
+    loss = net.heldout_loss(data, cfg.eval_timesteps, cfg.seed, cfg.batch_size)
+    metrics.HELDOUT_LOSS.labels(node.org).set(loss)
+    log(INFO, "[%s] round %s: held-out loss %.5f on %d images", node.org, rnd, loss, data.num_heldout)
+    return loss, data.num_heldout, {"org": node.org, "heldout_loss": loss, "received_fingerprint": received,
+                                    "eval_seconds": time.perf_counter() - t0, "num_heldout": data.num_heldout,
+                                    "skipped_images": len(data.skipped)}
+
+
 class LoraClient(NumPyClient):
     def __init__(self, context: Context) -> None:
         self.cfg = RunConfig.from_flower(context.run_config)
         self.node = NodeConfig.from_flower(context.node_config, context.run_config)
+        # The node's warm trainer does the work with the model and latents it keeps (node setting
+        # warm-trainer, default true); None: this process loads them itself.
+        self.warm = trainer.connection(self.node, context.run_config, context.node_config)
 
     def get_properties(self, config):
-        from . import model
-
-        t0 = time.perf_counter()
-        data = model.prepare_data(self.cfg, self.node)
-        metrics.IMAGES_SKIPPED.labels(self.node.org).set(len(data.skipped))
-        log(INFO, "[%s] data ready: %d train, %d held out, %d unusable skipped (%.1f s)", self.node.org,
-            data.num_train, data.num_heldout, len(data.skipped), time.perf_counter() - t0)
-        if self.cfg.org_metrics == "private":
-            return {"org": self.node.org}
-        return {"org": self.node.org, "num-train": data.num_train, "num-heldout": data.num_heldout,
-                "skipped-images": len(data.skipped)}
+        if self.warm:
+            return self.warm.prepare(self.cfg)
+        return prepare(self.cfg, self.node)
 
     def fit(self, parameters, config):
         if config.get("measure-only"):
             # org-metrics="private": the final adapter's held-out loss, sent through SecAgg+ as a fit.
             _, _, report = self.evaluate(parameters, config)
             return [], 0, report
+        if self.warm:
+            return self.warm.fit(self.cfg, parameters, int(config["server-round"]))
         return local_update(self.cfg, self.node, parameters, int(config["server-round"]))
 
     def evaluate(self, parameters, config):
-        from . import model
-
-        t0 = time.perf_counter()
-        data = model.prepare_data(self.cfg, self.node)
-        net = model.LoraUNet.load(self.cfg)
-        received = model.load_lora(net.unet, net.names, parameters)
-        loss = net.heldout_loss(data, self.cfg.eval_timesteps, self.cfg.seed, self.cfg.batch_size)
-        metrics.HELDOUT_LOSS.labels(self.node.org).set(loss)
-        log(INFO, "[%s] round %s: held-out loss %.5f on %d images", self.node.org, config.get("server-round"),
-            loss, data.num_heldout)
-        return loss, data.num_heldout, {"org": self.node.org, "heldout_loss": loss, "received_fingerprint": received,
-                                        "eval_seconds": time.perf_counter() - t0, "num_heldout": data.num_heldout,
-                                        "skipped_images": len(data.skipped)}
+        if self.warm:
+            return self.warm.evaluate(self.cfg, parameters, config.get("server-round"))
+        return measure(self.cfg, self.node, parameters, config.get("server-round"))
 
 
 def refuse_revealing_runs(msg, ctxt, call_next):

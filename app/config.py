@@ -182,6 +182,11 @@ class NodeConfig:
     cache_dir: Path
     # False: the organisation takes part only in runs that keep its own figures from the coordinator.
     share_metrics: bool = True
+    # True: a long-lived trainer beside the node keeps the model and latents between messages
+    # (app/trainer.py); False: every message loads them in its own ClientApp process.
+    warm_trainer: bool = True
+    # Seconds a warm trainer waits for the next message before it exits and frees its memory.
+    warm_trainer_idle: float = 1800.0
 
     @classmethod
     def from_flower(cls, cfg: Mapping[str, Any], run_config: Mapping[str, Any] | None = None) -> NodeConfig:
@@ -195,10 +200,14 @@ class NodeConfig:
             )
         cache = cfg.get("cache-dir") or _default_cache()
         caption = str(cfg.get("default-caption", "")).strip() or None
-        share = cfg.get("share-metrics", True)
-        if not isinstance(share, bool):
-            raise ConfigError(f"SuperNode --node-config 'share-metrics' must be true or false (unquoted), got {share!r}")
-        return cls(Path(str(cfg["data-dir"])), str(cfg["org"]), caption, Path(str(cache)), share)
+        share, warm = (cfg.get(key, True) for key in ("share-metrics", "warm-trainer"))
+        for key, value in (("share-metrics", share), ("warm-trainer", warm)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"SuperNode --node-config '{key}' must be true or false (unquoted), got {value!r}")
+        idle = cfg.get("warm-trainer-idle", cls.warm_trainer_idle)
+        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:
+            raise ConfigError(f"SuperNode --node-config 'warm-trainer-idle' must be a number of seconds > 0, got {idle!r}")
+        return cls(Path(str(cfg["data-dir"])), str(cfg["org"]), caption, Path(str(cache)), share, warm, float(idle))
 
     @classmethod
     def simulated(cls, partition_id: int, sim_data_dir: str) -> NodeConfig:
@@ -220,4 +229,5 @@ class NodeConfig:
                 f"({root.resolve()} holds {', '.join(present) or 'no folder'}): simulate as many nodes as there are "
                 "organisation folders (num-supernodes), or write more (`make demo-data`)"
             )
-        return cls((root / org).resolve(), org, None, Path(str(_default_cache())))
+        # Flower's Simulation Engine runs the ClientApps in its own worker processes: no warm trainers.
+        return cls((root / org).resolve(), org, None, Path(str(_default_cache())), warm_trainer=False)

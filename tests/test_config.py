@@ -39,6 +39,16 @@ def test_node_config_requires_data_dir_and_org():
         NodeConfig.from_flower({})
     node = NodeConfig.from_flower({"data-dir": "/data", "org": "clinic-a", "cache-dir": "/c"})
     assert str(node.data_dir) == "/data" and node.org == "clinic-a" and node.default_caption is None
+    assert node.warm_trainer and node.warm_trainer_idle == 1800
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("warm-trainer", "false", "'warm-trainer' must be true or false"),
+    ("warm-trainer-idle", 0, "'warm-trainer-idle' must be a number of seconds > 0"),
+])
+def test_invalid_node_settings(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        NodeConfig.from_flower({"data-dir": "/data", "org": "clinic-a", key: value})
 
 
 @pytest.mark.parametrize("gpu,asked,expected", [

@@ -119,6 +119,18 @@ def test_round_2_started_from_round_1_global(run):
     assert h[1]["received_fingerprints"] == {org: weights_fingerprint(adapter(run["out"], 0)) for org in ORGS}
 
 
+def test_each_node_kept_its_model_loaded_across_the_run(fed, run):
+    """Warm nodes (app/trainer.py): every message of an organisation went to one trainer process,
+    which loaded the model once, at round 1's fit; round 2 and the final evaluation found it loaded."""
+    served = re.compile(r"\[(\S+)\] (\w+) on warm trainer pid (\d+) \(model loads (\d+), data loads (\d+), message \d+\)(.*)")
+    for org in ORGS:
+        lines = [m.groups()[1:] for m in served.finditer(fed.log(org)) if m.group(1) == org][:4]
+        assert [op for op, *_ in lines] == ["prepare", "fit", "fit", "evaluate"], lines
+        assert len({pid for _, pid, *_ in lines}) == 1, lines
+        assert [(models, data) for _, _, models, data, _ in lines] == [("0", "1")] + [("1", "1")] * 3, lines
+        print(f"{org} round 2 fit: {lines[2][-1].lstrip('; ')}")
+
+
 def test_heldout_loss_improves_on_base_model(run):
     h = history(run["out"])
     assert h[0]["heldout_loss"] is not None and set(h[0]["heldout_loss_by_org"]) == set(ORGS)
