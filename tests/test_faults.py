@@ -45,6 +45,8 @@ FIT_STAGE = 3
 HEARTBEAT_WINDOW = 60
 # What a fault may add on top of a normal round on this 2-core machine (README: Reliability).
 KILLED_NODE_BOUND = HEARTBEAT_WINDOW + 60
+# What measuring an adapter later adds to its round's record (app/reporting.py: shared_heldout).
+HELDOUT_FIELDS = {"heldout_loss", "num_heldout", "heldout_orgs", "heldout_loss_by_org", "client_eval_seconds"}
 
 
 class Logs:
@@ -260,13 +262,15 @@ def test_superlink_restart_mid_round_and_resume_complete_the_run(story):
     story.figures["round 3 with a superlink restart (s)"] = history[3]["seconds"]["round"]
     story.figures["round 4, no fault (s)"] = history[4]["seconds"]["round"]
     story.figures["round 4 fit stage, no fault (s)"] = history[4]["seconds"]["fit"]
-    # The rounds completed before the faults were never rewritten (their held-out loss, measured
-    # later by the next round's nodes, is the one field a later round adds: round 2's, in round 3).
+    # The rounds completed before the faults were never rewritten. The one thing a later round adds
+    # is the held-out loss of the previous round's adapter, measured by its nodes: round 2's, in round 3.
     now = story.snapshot()
     for path, content in story.checkpoints.items():
         if path == "round-0002/metrics.json":
-            assert {k: v for k, v in json.loads(now[path]).items() if not k.startswith("heldout")} == \
-                {k: v for k, v in json.loads(content).items() if not k.startswith("heldout")}
+            before, after = json.loads(content), json.loads(now[path])
+            assert {k: after[k] for k in before if k != "heldout_loss"} == \
+                {k: v for k, v in before.items() if k != "heldout_loss"}, "round 2's record changed"
+            assert set(after) - set(before) <= HELDOUT_FIELDS and after["heldout_loss"] is not None, after
         else:
             assert now[path] == content, f"{path} changed"
     assert (story.out / "final" / ADAPTER_FILE).read_bytes() == now[f"round-{ROUNDS:04d}/{ADAPTER_FILE}"]
