@@ -164,13 +164,14 @@ flwr-config: ## Point `flwr run . remote-federation` at this stack's operator li
 	python3 docker/flwr_connection.py "$(FLWR_CONFIG)" remote-federation "127.0.0.1:$$port" "$(abspath $(CERTS_DIR))/ca.pem"
 
 # Submit, stream the ServerApp's log, then ask how that run ended: `flwr run --stream` exits 0
-# even when the ServerApp failed (Flower 1.41), and the newest run may be someone else's.
+# even when the ServerApp failed (Flower 1.41), and the newest run may be someone else's. The
+# stream also ends when the SuperLink restarts, while the run goes on: --wait waits for its end.
 # $(call submit_run,RUN_CONFIG[,CONNECTION[,FLWR]]): remote-federation and $(FLWR_CLI) by default.
 define submit_run
 	@set -e; run_id=$$($(or $(3),$(FLWR_CLI)) run . $(or $(2),remote-federation) --format json $(if $(1),--run-config '$(1)') \
 		| python3 docker/run_status.py --run-id); \
 	$(or $(3),$(FLWR_CLI)) log $$run_id $(or $(2),remote-federation) --stream || true; \
-	python3 docker/run_status.py $(or $(3),$(FLWR_CLI)) $(or $(2),remote-federation) $$run_id
+	python3 docker/run_status.py --wait $(or $(3),$(FLWR_CLI)) $(or $(2),remote-federation) $$run_id
 endef
 
 run: $(FLWR_CLI) ## Start a training run and follow it: flwr run . remote-federation (RUN_CONFIG='num-server-rounds=10 ...')

@@ -56,7 +56,10 @@ def round_record(rnd: int, aggregation: str, org_metrics: str, participants: lis
     federated, by_org = fit["federated"], fit["by_org"]
     record = {
         "round": rnd, "aggregation": aggregation, "org_metrics": org_metrics, "participants": participants,
-        "aggregated": fit["orgs"], "num_examples": federated["num_examples"], "update_norm": fit["update_norm"],
+        "aggregated": fit["orgs"],
+        # Failed or went offline mid-round: SecAgg+ unmasked the sum without them.
+        "dropped": sorted(set(participants) - set(fit["orgs"])),
+        "num_examples": federated["num_examples"], "update_norm": fit["update_norm"],
         "train_loss": federated["train_loss"],
         "heldout_loss": None,  # measured by the nodes that receive this adapter next
         "received_fingerprints": fit["fingerprints"],

@@ -26,9 +26,14 @@ export NODE_KEY="$key" CA_CERT="$ca" DATA_DIR="$data"  # for the preflight below
 # the code Flower logged.
 tmp=$(mktemp -d)
 mkfifo "$tmp/output"
-awk -v note="$tmp/flower-exit-code" '{ print; fflush() }
-    match($0, /Exit Code: [0-9]+/) { print substr($0, RSTART + 11, RLENGTH - 11) > note; close(note) }' \
-    <"$tmp/output" &
+# Line by line in the shell: mawk (Debian's awk) reads a pipe in 4 KB blocks, which held a running
+# node's log back until it exited.
+while IFS= read -r line || [ -n "$line" ]; do
+    printf '%s\n' "$line"
+    case $line in
+        *"Exit Code: "[0-9]*) code=${line#*Exit Code: }; printf '%s\n' "${code%%[!0-9]*}" >"$tmp/flower-exit-code" ;;
+    esac
+done <"$tmp/output" &
 filter=$!
 # shellcheck disable=SC2086
 flower-supernode --superlink "$SUPERLINK_ADDRESS" --root-certificates "$ca" \

@@ -353,3 +353,24 @@ def test_sigterm_reaches_flower_supernode_which_deactivates_at_once(link, tmp_pa
             proc.kill()
     assert proc.returncode == 0, out
     assert "Deactivated node_id" in link.log()
+
+
+@pytest.mark.federation
+def test_node_log_reaches_the_container_log_as_it_is_written(link, tmp_path):
+    """The filter that notes Flower's exit code must not hold lines back: operators (and the fault
+    tests) read a running node's log live, e.g. to see which message it is working on."""
+    proc = supernode_sh(link, "org-x", tmp_path)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 60
+        while "Activated node_id" not in link.log():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while not any("SuperNode ID" in line for line in lines):
+            assert time.monotonic() < deadline, f"the node is connected, but its log shows only {lines}"
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -170,6 +170,8 @@ class FixedClient(NumPyClient):
         self.node, self.update = node, update
 
     def fit(self, parameters, config):
+        if self.node.get("drops"):  # a node that goes away in the fit stage, after the key exchange
+            raise ConnectionError("node went offline mid-round")
         if config.get("measure-only"):
             return [], 0, self.node["report"]
         return self.update, self.node["n"], self.node["report"]
@@ -337,3 +339,22 @@ def test_what_the_coordinator_records_and_exports(mode):
         assert revealed is None and orgs[0] not in line and "stay private" in line
         figures = {f"{v:.5f}" for x in nodes for v in (x["report"]["train_loss"], x["report"]["heldout_loss"])}
         assert not figures & set(str(record).split()), record
+
+
+@pytest.mark.parametrize("mode", ["shared", "private"])
+def test_a_node_that_drops_mid_round_is_recorded_as_dropped(mode):
+    """SecAgg+ unmasks the survivors' sum without the dropped node's masks; the round's record
+    names who dropped, and the update is the survivors' weighted mean."""
+    from app import reporting
+
+    nodes, updates = _nodes(3, seed=13), _updates(3, LR, STEPS, seed=13)
+    nodes[1]["drops"] = True
+    strategy, _ = _run_secagg(PRIVATE | {"org-metrics": mode}, nodes, updates, org_prefix=f"drop-{mode}")
+    orgs = sorted(strategy.org_of.values())
+    record = reporting.round_record(1, "secagg+", mode, orgs, strategy.fit, {"fit": 1.0, "round": 2.0})
+    assert record["participants"] == orgs
+    assert record["dropped"] == [orgs[1]] and record["aggregated"] == [orgs[0], orgs[2]]
+    survivors = _exact([nodes[0], nodes[2]], [updates[0], updates[2]])
+    assert record["num_examples"] == survivors["num_examples"]
+    err = max(float(np.max(np.abs(g - u))) for g, u in zip(strategy.global_arrays, survivors["update"]))
+    assert err < 1e-6, err

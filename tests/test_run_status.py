@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 RUNS = [  # ours completed; someone else's run, submitted just after, failed
     {"run-id": "111", "status": "finished:completed", "pending-at": "2025-01-01 10:00:00Z"},
@@ -63,3 +65,51 @@ def test_an_unknown_run_id_says_so(tmp_path):
 def test_without_a_run_id_the_newest_run_is_reported(tmp_path):
     result = _status(tmp_path)
     assert result.returncode != 0 and result.stdout == "run 222: finished:failed\n"
+
+
+def _load_run_status(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_status", REPO / "docker" / "run_status.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "WAIT_POLL", 0.01)
+    return module
+
+
+def _answers(tmp_path: Path, answers: list[str | None]) -> Path:
+    """A `flwr` whose `ls` answers one status per call (None: the SuperLink is unreachable)."""
+    flwr, calls = tmp_path / "flwr", tmp_path / "calls"
+    calls.write_text("0")
+    flwr.write_text(f"""#!{sys.executable}
+import json, pathlib, sys
+calls = pathlib.Path({str(calls)!r}); n = int(calls.read_text()); calls.write_text(str(n + 1))
+status = {answers!r}[min(n, {len(answers) - 1})]
+if status is None:
+    print(json.dumps({{"success": False, "error-message": "Connection to the SuperLink is unavailable."}}))
+else:
+    print(json.dumps({{"success": True, "runs": [{{"run-id": "111", "status": status}}]}}))
+""")
+    flwr.chmod(0o755)
+    return flwr
+
+
+def test_wait_outlasts_a_superlink_restart_and_reports_how_the_run_ended(tmp_path, monkeypatch, capsys):
+    """`flwr log --stream` ends when the SuperLink restarts; the run goes on. `make run` waits for it
+    rather than reporting a running run as failed."""
+    run_status = _load_run_status(monkeypatch)
+    flwr = _answers(tmp_path, ["running", None, None, "running", "finished:completed"])
+    run_status.wait(str(flwr), "remote-federation", "111")
+    run_status.report(str(flwr), "remote-federation", "111")
+    out, err = capsys.readouterr()
+    assert out == "run 111: finished:completed\n"
+    assert "run 111 has not finished" in err and "flwr log 111 remote-federation --stream" in err
+
+
+def test_wait_gives_up_on_a_superlink_that_stays_away(tmp_path, monkeypatch):
+    run_status = _load_run_status(monkeypatch)
+    monkeypatch.setattr(run_status, "WAIT_UNREACHABLE", 0.05)
+    flwr = _answers(tmp_path, ["running", None])
+    run_status.wait(str(flwr), "remote-federation", "111")
+    with pytest.raises(SystemExit, match="could not list runs on 'remote-federation'.*unavailable"):
+        run_status.report(str(flwr), "remote-federation", "111")

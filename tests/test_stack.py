@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
-import shutil
 import ssl
 import subprocess
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -24,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.offline import write_demo_data, write_tiny_model
+from app.offline import write_demo_data
 from conftest import ORGS
-from federation import BIN, REPO, free_port, kv, offline_env
+from federation import BIN, REPO, kv
+from stack import compose, compose_stack, flwr
 
 pytestmark = pytest.mark.docker
 ROUNDS, STEPS = 2, 8
@@ -34,47 +32,11 @@ ROUNDS, STEPS = 2, 8
 JOIN_HOST = "host.docker.internal"
 
 
-def _docker_ready() -> bool:
-    return shutil.which("docker") is not None and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def stack():
-    if not _docker_ready():
-        if os.environ.get("CI"):
-            pytest.fail("no Docker engine in CI: .ci/run provisions one with ../shared/ci/docker-engine.sh")
-        pytest.skip("no Docker engine here (../shared/ci/docker-engine.sh provisions one)")
-    # Bind-mounted folders must be readable by the containers' unprivileged user.
-    root = Path(tempfile.mkdtemp(prefix="fedlora-stack-"))
-    root.chmod(0o755)
-    write_tiny_model(root / "models" / "tiny-sd")
-    write_demo_data(root / "data", orgs=len(ORGS), images_per_org=16)
-    env = offline_env(
-        COMPOSE_PROJECT_NAME="fedlora-e2e", SUPERLINK_PORT=str(free_port()), CONTROL_PORT=str(free_port()),
-        # The joining organisation's containers reach the gateway through this host, as from afar.
-        SUPERLINK_BIND="0.0.0.0", SANS=JOIN_HOST,
-        PROMETHEUS_PORT=str(free_port()), COMPOSE_PROFILES="demo",  # Grafana cannot run here; its queries are checked
-        DATA_DIR=str(root / "data"), MODELS_DIR=str(root / "models"), OUTPUTS_DIR=str(root / "outputs"),
-        CERTS_DIR=str(root / "certs"), FLWR_HOME=str(root / "flwr-home"),
-    )
-    for d in ("certs", "outputs"):
-        (root / d).mkdir()
-    os.chmod(root / "outputs", 0o755)
-    try:
-        for target in ("certs", "up"):
-            result = subprocess.run(["make", target], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-            assert result.returncode == 0, f"make {target}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        yield {"root": root, "env": env, "port": int(env["SUPERLINK_PORT"]), "control": int(env["CONTROL_PORT"]),
-               "prometheus": f"http://127.0.0.1:{env['PROMETHEUS_PORT']}"}
-    finally:
-        logs = subprocess.run(["docker", "compose", "logs", "--no-color", "--tail=60"], cwd=REPO, env=env,
-                              capture_output=True, text=True)
-        print(logs.stdout[-20000:])
-        subprocess.run(["docker", "compose", "down", "--volumes", "--remove-orphans"], cwd=REPO, env=env,
-                       capture_output=True, timeout=300)
-        subprocess.run(["docker", "run", "--rm", "-v", f"{root}:/r", "--entrypoint", "rm", "fedlora/superlink:0.1.0",
-                        "-rf", "/r/outputs"], capture_output=True)  # written by the container's user
-        shutil.rmtree(root, ignore_errors=True)
+    # The joining organisation's containers reach the gateway through this host, as from afar.
+    with compose_stack("fedlora-e2e", SUPERLINK_BIND="0.0.0.0", SANS=JOIN_HOST) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -187,11 +149,6 @@ def test_superlink_speaks_only_tls(stack):
     assert result.returncode != 0, result.stdout
 
 
-def flwr(stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=stack["env"], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def test_operator_lists_reads_and_stops_runs_through_the_documented_connection(stack, run):
     runs = json.loads(flwr(stack, "ls", "remote-federation", "--format", "json").stdout)["runs"]
     done = next(r for r in runs if r["status"] == "finished:completed")
@@ -217,11 +174,6 @@ def promql(stack, query: str, at: float | None = None) -> list[dict]:
         body = json.load(response)
     assert body["status"] == "success", body
     return body["data"]["result"]
-
-
-def compose(stack, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", "compose", *args], cwd=REPO, env=stack["env"], capture_output=True, text=True,
-                          timeout=300, **kwargs)
 
 
 # Panels that show data only on GPU hosts or while something is wrong.
