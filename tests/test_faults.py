@@ -110,15 +110,20 @@ class Story:
         self.runs.append(run)
         return run
 
+    def runs(self, *args: str) -> list[dict] | None:
+        """`flwr ls`'s runs; None while the SuperLink is away (then `flwr` may still exit 0, with an
+        error object for JSON: seen while a stopped SuperLink was starting again)."""
+        listing = flwr(self.stack, "ls", "remote-federation", "--format", "json", *args)
+        try:
+            return json.loads(listing.stdout)["runs"] if listing.returncode == 0 else None
+        except (json.JSONDecodeError, KeyError):
+            return None
+
     def run_ids(self) -> list[str]:
-        listing = flwr(self.stack, "ls", "remote-federation", "--format", "json")
-        return [str(r["run-id"]) for r in json.loads(listing.stdout)["runs"]] if listing.returncode == 0 else []
+        return [str(r["run-id"]) for r in self.runs() or []]
 
     def status(self, run_id: str) -> str | None:
-        listing = flwr(self.stack, "ls", "remote-federation", "--format", "json", "--run-id", run_id)
-        if listing.returncode != 0:
-            return None  # the SuperLink is away
-        return next((r["status"] for r in json.loads(listing.stdout)["runs"] if str(r["run-id"]) == run_id), None)
+        return next((r["status"] for r in self.runs("--run-id", run_id) or [] if str(r["run-id"]) == run_id), None)
 
     def output(self, run: dict, timeout: float) -> tuple[int, str]:
         """`make run`'s exit code and output, once it ends."""
