@@ -110,7 +110,7 @@ class Story:
         self.runs.append(run)
         return run
 
-    def runs(self, *args: str) -> list[dict] | None:
+    def listed(self, *args: str) -> list[dict] | None:
         """`flwr ls`'s runs; None while the SuperLink is away (then `flwr` may still exit 0, with an
         error object for JSON: seen while a stopped SuperLink was starting again)."""
         listing = flwr(self.stack, "ls", "remote-federation", "--format", "json", *args)
@@ -120,10 +120,10 @@ class Story:
             return None
 
     def run_ids(self) -> list[str]:
-        return [str(r["run-id"]) for r in self.runs() or []]
+        return [str(r["run-id"]) for r in self.listed() or []]
 
     def status(self, run_id: str) -> str | None:
-        return next((r["status"] for r in self.runs("--run-id", run_id) or [] if str(r["run-id"]) == run_id), None)
+        return next((r["status"] for r in self.listed("--run-id", run_id) or [] if str(r["run-id"]) == run_id), None)
 
     def output(self, run: dict, timeout: float) -> tuple[int, str]:
         """`make run`'s exit code and output, once it ends."""
