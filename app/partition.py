@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from app.data import IMAGE_SUFFIXES, METADATA, MIN_IMAGES
+from app.offline import _int_at_least
 
 DEFAULT_DATASET = "nkirschi/oxford-flowers"
 DEFAULT_TEMPLATE = "a photo of a {label}"
@@ -239,15 +240,6 @@ def _table(rows: list[tuple[str, int, list[str] | None]]) -> str:
     return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}  {d}".rstrip() for a, b, c, d in lines)
 
 
-def _positive_int(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -263,11 +255,11 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("dataset", nargs="?", default=DEFAULT_DATASET,
                         help=f"Hugging Face dataset id, saved dataset (save_to_disk) or image folder (default: {DEFAULT_DATASET})")
     parser.add_argument("--out", type=Path, default=Path("data"), help="where the organisations' folders go (default: data)")
-    parser.add_argument("--partitions", type=_positive_int(1), default=3, help="number of organisations (default: 3)")
+    parser.add_argument("--partitions", type=_int_at_least(1), default=3, help="number of organisations (default: 3)")
     parser.add_argument("--alpha", type=_positive_float,
                         help="non-IID: Dirichlet over each label's images with this concentration (smaller: more "
                              "skewed; 0.1 is strong, 100 near IID). Without it the split is IID")
-    parser.add_argument("--min-images", type=_positive_int(MIN_IMAGES), default=MIN_IMAGES,
+    parser.add_argument("--min-images", type=_int_at_least(MIN_IMAGES), default=MIN_IMAGES,
                         help=f"Dirichlet: redraw until every organisation has this many images (default: {MIN_IMAGES}, a node's minimum)")
     parser.add_argument("--seed", type=int, default=0, help="shuffle and Dirichlet seed: the same seed gives the same split (default: 0)")
     parser.add_argument("--split", default="train", help="the dataset's split to partition (default: train)")
