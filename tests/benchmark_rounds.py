@@ -61,10 +61,23 @@ class CappedPollFederation(LocalFederation):
         return super()._spawn(name, args, env)
 
 
-def import_seconds(module: str) -> float:
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, check=True, capture_output=True)
-    return time.perf_counter() - t0
+IMPORTS = """
+import json, time
+t = [time.perf_counter()]
+from flwr.supernode.cli import flwr_clientapp  # what Flower's flwr-clientapp process imports first
+t.append(time.perf_counter())
+import app.client_app
+t.append(time.perf_counter())
+import app.model  # torch, diffusers, peft: the stages that train or evaluate
+t.append(time.perf_counter())
+print(json.dumps([b - a for a, b in zip(t, t[1:])]))
+"""
+
+
+def import_seconds() -> list[float]:
+    """A fresh process's imports, in the order a ClientApp process pays them: Flower's, ours, torch's."""
+    done = subprocess.run([sys.executable, "-c", IMPORTS], cwd=REPO, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def main() -> None:
@@ -90,8 +103,9 @@ def main() -> None:
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; 3 SuperNodes + SuperLink on "
               f"loopback over TLS; tiny model, 32 px, {args.local_steps} local steps x batch 4"
               + (f"; SuperNode polls capped at {args.flower_polls} s" if args.flower_polls else ""))
-        print(f"process start + import, per ClientApp message: app.client_app {import_seconds('app.client_app'):.1f} s; "
-              f"+ torch/diffusers (train/evaluate only) {import_seconds('app.model'):.1f} s")
+        flower, ours, torch = import_seconds()
+        print(f"imports of each message's fresh ClientApp process: Flower's flwr-clientapp {flower:.1f} s, app.client_app "
+              f"{ours:.1f} s more, torch/diffusers {torch:.1f} s more in the stages that train or evaluate")
         fed = (CappedPollFederation(tmp / "fed", tmp / "certs", nodes, cap=args.flower_polls) if args.flower_polls
                else LocalFederation(tmp / "fed", tmp / "certs", nodes))
         medians = {}
