@@ -152,7 +152,7 @@ def report(mode: str, out: Path, total: float) -> tuple[float, float]:
     overhead, compute = statistics.median(overheads), statistics.median(computes)
     print(f"  median round: wall {statistics.median(m['seconds']['round'] for m in rounds):.1f} s, slowest compute "
           f"{compute:.1f} s, overhead {overhead:.1f} s; held-out loss by round "
-          + ", ".join(f"{m['heldout_loss']:.5f}" for m in rounds))
+          + ", ".join("-" if m["heldout_loss"] is None else f"{m['heldout_loss']:.5f}" for m in rounds))
     return overhead, compute
 
 
