@@ -78,7 +78,7 @@ test: install ## Run every test: unit, a real TLS federation with SecAgg+, the C
 test-fast: install ## Unit and static tests only (no federation, no Docker stack)
 	$(PY) -m pytest -q -m "not federation and not docker" $(PYTEST_ARGS)
 
-bench: install ## Round-time breakdown on this machine: SecAgg+ vs plain FedAvg, tiny model
+bench: install ## Per stage and round: wall time, slowest node's compute, the rest; SecAgg+ vs plain FedAvg, tiny model
 	$(PY) tests/benchmark_rounds.py
 
 tiny-model: install ## Write the offline tiny Stable Diffusion pipeline to models/tiny-sd (tests, demo)

@@ -39,7 +39,8 @@ from .config import RunConfig
 # With fewer participants, each one can subtract its own update from the aggregate and read the
 # other's: secure aggregation then hides nothing from the participants themselves.
 SECAGG_MIN_PRIVATE = 3
-POLL_SECONDS = 1.0
+# A prepare reply, or a node that connects, is seen within this; each poll is two or three requests.
+POLL_SECONDS = 0.25
 
 
 class RunFailed(RuntimeError):

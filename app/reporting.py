@@ -69,6 +69,10 @@ def round_record(rnd: int, aggregation: str, org_metrics: str, participants: lis
     if by_org is None:
         record["client_seconds_mean"] = {"fit": federated["fit_seconds_mean"]}
         return record
+    # The stage that carries the fit waits for the slowest node's; the other stages carry no compute
+    # a node reports (SecAgg+'s key exchange and unmasking take milliseconds on a node).
+    fit_stage = "collect_masked_vectors" if aggregation == "secagg+" else "train"
+    record["stage_compute_seconds"] = {fit_stage: max(m["fit_seconds"] for m in by_org.values())}
     return record | {
         "train_loss_by_org": {o: m["train_loss"] for o, m in by_org.items()},
         "num_examples_by_org": {o: m["num_examples"] for o, m in by_org.items()},
@@ -76,6 +80,15 @@ def round_record(rnd: int, aggregation: str, org_metrics: str, participants: lis
         "images_per_second_by_org": {o: m["images_per_second"] for o, m in by_org.items()},
         "client_seconds": {o: {"fit": m["fit_seconds"], "train": m["train_seconds"]} for o, m in by_org.items()},
     }
+
+
+def final_evaluate_record(seconds: float, stages: dict[str, float], heldout: dict[str, Any]) -> dict[str, Any]:
+    """The final evaluate stage's timing: its wall time, each message stage's, and the slowest node's
+    compute where nodes report it (org-metrics="shared")."""
+    record: dict[str, Any] = {"seconds": seconds, "stages": stages}
+    if "client_eval_seconds" in heldout:
+        record["compute_seconds"] = max(heldout["client_eval_seconds"].values())
+    return record
 
 
 def export_round(record: dict[str, Any], online: int, received_bytes: int) -> None:

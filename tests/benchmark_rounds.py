@@ -1,13 +1,19 @@
-"""Where a round's time goes on this machine: our compute vs Flower's messaging, SecAgg+ vs FedAvg.
+"""Where a round's time goes on this machine: per stage and per round, wall time, the slowest node's
+compute and the rest, for SecAgg+ and plain FedAvg.
 
     make bench            (or: python tests/benchmark_rounds.py --rounds 3)
 
-Starts the same real loopback federation as the tests (TLS SuperLink, three SuperNodes, tiny
-model), runs the app once with SecAgg+ and once with plain FedAvg, and prints per-round figures
-from the run's own metrics. "client fit" is the slowest node's time inside our ClientApp
-(loading data and model, measuring the received adapter's held-out loss, training); everything else in a round is Flower: message polling
-(SuperNode and ServerApp sleep 3 s between polls), a fresh ClientApp process per message, and for
-SecAgg+ the key exchange and masking stages.
+Starts the same real loopback federation as the tests (TLS SuperLink, three SuperNodes with one
+torch thread each, tiny model), runs the app once with SecAgg+ and once with plain FedAvg, and
+prints the figures the runs recorded in metrics.jsonl: each message stage's wall time as the
+ServerApp saw it (app/grid.py), and "compute", the slowest node's time inside our ClientApp where
+nodes report it (the fit: data from the latent cache, model load, held-out evaluation of the
+received adapter, training; the final evaluate). "rest" is wall minus compute: Flower's message
+path (SuperNode polls, a fresh ClientApp process per message) and our imports in that process.
+The last line is for scripts: the SecAgg+ medians over rounds.
+
+--flower-polls S (a measurement, not a setting): starts the SuperNodes with Flower's hard-coded
+sleeps (3 s when idle, 0.5 s while a reply is awaited) cut to S, to show what they cost.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,19 +33,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from conftest import ORGS, load_certs_tool, tiny_run_config  # noqa: E402
-from federation import REPO, LocalFederation  # noqa: E402
+from federation import BIN, REPO, LocalFederation  # noqa: E402
+
+# Flower's SuperNode main loop (flwr/supernode/start_client_internal.py) with its `time.sleep` capped:
+# for --flower-polls only.
+CAPPED_SUPERNODE = """
+import sys, time
+import flwr.supernode.start_client_internal as loop
+class Capped:
+    def __getattr__(self, name): return getattr(time, name)
+    def sleep(self, s): time.sleep(min(s, {cap}))
+loop.time = Capped()
+from flwr.supernode.cli.flower_supernode import flower_supernode
+sys.argv[0] = "flower-supernode"
+flower_supernode()
+"""
 
 
-def import_seconds(module: str) -> float:
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, check=True, capture_output=True)
-    return time.perf_counter() - t0
+class CappedPollFederation(LocalFederation):
+    def __init__(self, *args, cap: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.cap = cap
+
+    def _spawn(self, name, args, env=None):
+        if args[0].endswith("flower-supernode"):
+            args = [str(BIN / "python"), "-c", CAPPED_SUPERNODE.format(cap=self.cap), *args[1:]]
+        return super()._spawn(name, args, env)
+
+
+IMPORTS = """
+import json, time
+t = [time.perf_counter()]
+from flwr.supernode.cli import flwr_clientapp  # what Flower's flwr-clientapp process imports first
+t.append(time.perf_counter())
+import app.client_app
+t.append(time.perf_counter())
+import app.model  # torch, diffusers, peft: the stages that train or evaluate
+t.append(time.perf_counter())
+print(json.dumps([b - a for a, b in zip(t, t[1:])]))
+"""
+
+
+def import_seconds() -> list[float]:
+    """A fresh process's imports, in the order a ClientApp process pays them: Flower's, ours, torch's."""
+    done = subprocess.run([sys.executable, "-c", IMPORTS], cwd=REPO, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per aggregation mode")
     parser.add_argument("--local-steps", type=int, default=8, help="local training steps per round")
+    parser.add_argument("--modes", default="secagg+,fedavg", help="aggregation modes to run, in order")
+    parser.add_argument("--flower-polls", type=float, metavar="S",
+                        help="cap the SuperNodes' hard-coded poll sleeps at S seconds (what they cost)")
     args = parser.parse_args()
 
     from app.offline import write_demo_data, write_tiny_model
@@ -52,12 +100,17 @@ def main() -> None:
             load_certs_tool().generate(tmp / "certs", [])
             sys.stdout = stdout
         nodes = {o: {"data-dir": str(tmp / "data" / o), "org": o, "cache-dir": str(tmp / f"cache-{o}")} for o in ORGS}
-        print(f"machine: {os.cpu_count()} cores; 3 SuperNodes + SuperLink on loopback over TLS; tiny model, 32 px, "
-              f"{args.local_steps} local steps x batch 4")
-        print(f"process start + import, per ClientApp message: app.client_app {import_seconds('app.client_app'):.1f} s; "
-              f"+ torch/diffusers (train/evaluate only) {import_seconds('app.model'):.1f} s")
-        with LocalFederation(tmp / "fed", tmp / "certs", nodes) as fed:
-            for mode in ("secagg+", "fedavg"):
+        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; 3 SuperNodes + SuperLink on "
+              f"loopback over TLS; tiny model, 32 px, {args.local_steps} local steps x batch 4"
+              + (f"; SuperNode polls capped at {args.flower_polls} s" if args.flower_polls else ""))
+        flower, ours, torch = import_seconds()
+        print(f"imports of each message's fresh ClientApp process: Flower's flwr-clientapp {flower:.1f} s, app.client_app "
+              f"{ours:.1f} s more, torch/diffusers {torch:.1f} s more in the stages that train or evaluate")
+        fed = (CappedPollFederation(tmp / "fed", tmp / "certs", nodes, cap=args.flower_polls) if args.flower_polls
+               else LocalFederation(tmp / "fed", tmp / "certs", nodes))
+        medians = {}
+        with fed:
+            for mode in args.modes.split(","):
                 out = tmp / f"out-{mode}"
                 cfg = tiny_run_config(model, out, **{"num-server-rounds": args.rounds, "aggregation": mode,
                                                      "local-steps": args.local_steps, "sample-every": 0})
@@ -65,22 +118,42 @@ def main() -> None:
                 result = fed.run_app(cfg)
                 if fed.last_run_status() != "finished:completed":
                     sys.exit(f"{mode} run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-                report(mode, out, time.perf_counter() - t0)
+                medians[mode] = report(mode, out, time.perf_counter() - t0)
+        overhead, compute = medians.get("secagg+", (float("nan"), float("nan")))
+        print(f"\noverhead_s_per_round={overhead:.1f} compute_s_per_round={compute:.1f}")
 
 
-def report(mode: str, out: Path, total: float) -> None:
+def row(label: str, wall: float, compute: float | None) -> str:
+    figures = f"{compute:>9.1f} {wall - compute:>7.1f}" if compute is not None else f"{'-':>9} {wall:>7.1f}"
+    return f"  {label:<34} {wall:>7.1f} {figures}"
+
+
+def report(mode: str, out: Path, total: float) -> tuple[float, float]:
+    """Prints the run's table; returns the medians over rounds of (round wall - compute, compute)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    print(f"\n{mode}: whole run {total:.1f} s, of which prepare, startup and the final evaluate stage "
-          f"{total - sum(m['seconds']['round'] for m in rows[1:]):.1f} s")
-    print(f"  {'round':>5} {'round s':>8} {'fit stages':>10} {'client fit':>10} {'(train)':>8} {'Flower+rest':>11} "
-          f"{'held-out loss':>13}")
-    for m in rows[1:]:
-        s, c = m["seconds"], m["client_seconds"]
-        client = max(v["fit"] for v in c.values())  # the slowest node gates the round
-        print(f"  {m['round']:>5} {s['round']:>8.1f} {s['fit']:>10.1f} {client:>10.1f} "
-              f"{max(v['train'] for v in c.values()):>8.1f} {s['round'] - client:>11.1f} {m['heldout_loss']:>13.5f}")
-    if "evaluate_stage_seconds" in rows[-1]:
-        print(f"  final evaluate stage: {rows[-1]['evaluate_stage_seconds']:.1f} s")
+    rounds = rows[1:]
+    print(f"\n{mode}: whole run {total:.1f} s (rounds {sum(m['seconds']['round'] for m in rounds):.1f} s; the rest "
+          "is the ServerApp's start, model load, round 0 and the final evaluate stage)")
+    print(f"  {'round / stage':<34} {'wall s':>7} {'compute s':>9} {'rest s':>7}")
+    overheads, computes = [], []
+    for m in rounds:
+        s, compute = m["seconds"], m.get("stage_compute_seconds", {})
+        slowest = max(v["fit"] for v in m["client_seconds"].values())  # the slowest node gates the round
+        print(row(f"{m['round']} prepare (admission)", s["prepare"], None))
+        for stage, wall in s["stages"].items():
+            print(row(f"{m['round']} {stage}", wall, compute.get(stage)))
+        print(row(f"{m['round']} round", s["round"], slowest))
+        overheads.append(s["round"] - slowest)
+        computes.append(slowest)
+    final = rounds[-1].get("final_evaluate")
+    if final:
+        for stage, wall in final["stages"].items():
+            print(row(f"final {stage}", wall, final.get("compute_seconds") if stage == "evaluate" else None))
+    overhead, compute = statistics.median(overheads), statistics.median(computes)
+    print(f"  median round: wall {statistics.median(m['seconds']['round'] for m in rounds):.1f} s, slowest compute "
+          f"{compute:.1f} s, overhead {overhead:.1f} s; held-out loss by round "
+          + ", ".join("-" if m["heldout_loss"] is None else f"{m['heldout_loss']:.5f}" for m in rounds))
+    return overhead, compute
 
 
 if __name__ == "__main__":

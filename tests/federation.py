@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,11 +33,18 @@ def kv(config: dict) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
 
 
+def image_flower_env() -> dict[str, str]:
+    """The FLWR_* settings the images run Flower with (docker/Dockerfile's ENV), so that the loopback
+    federation polls and behaves as the deployed one does."""
+    pairs = re.findall(r"^\s*(?:ENV\s+)?(FLWR_[A-Z_]+)=(\S+?)\s*\\?$", (REPO / "docker" / "Dockerfile").read_text(), re.M)
+    return {k: v for k, v in pairs if k != "FLWR_HOME"}  # FLWR_HOME: the harness keeps its own per federation
+
+
 def offline_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
+    env.update(image_flower_env())
     env.update({
-        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
     })
     env.update(extra)

@@ -108,6 +108,23 @@ def test_secagg_aggregate_equals_plain_weighted_fedavg(run, demo_data):
         assert off > 10 * 1e-5, f"round {rnd}: the unweighted mean is within {off:.2e} too"
 
 
+def test_every_stage_is_timed(run):
+    """metrics.jsonl says where each round's time went: every SecAgg+ stage as the ServerApp waited
+    for it, and the slowest node's compute in the stage that trains; likewise the final evaluate."""
+    h = history(run["out"])
+    for rnd in (1, 2):
+        s = h[rnd]["seconds"]
+        assert list(s["stages"]) == ["setup", "share_keys", "collect_masked_vectors", "unmask"], s
+        assert all(v > 0 for v in s["stages"].values()) and s["prepare"] >= 0
+        assert sum(s["stages"].values()) <= s["fit"] <= s["round"]
+        slowest = max(c["fit"] for c in h[rnd]["client_seconds"].values())
+        assert h[rnd]["stage_compute_seconds"] == {"collect_masked_vectors": slowest}
+        assert slowest < s["stages"]["collect_masked_vectors"]
+    final = h[2]["final_evaluate"]
+    assert list(final["stages"]) == ["evaluate"] and final["stages"]["evaluate"] <= final["seconds"]
+    assert 0 < final["compute_seconds"] < final["seconds"]
+
+
 def test_round_2_started_from_round_1_global(run):
     from app.model import weights_fingerprint
 
@@ -195,6 +212,7 @@ def test_plain_fedavg_run(fed, tiny_model, tmp_path):
     assert fed.last_run_status() == "finished:completed", result.stdout[-3000:]
     h = history(tmp_path)
     assert h[1]["aggregation"] == "fedavg" and h[1]["aggregated"] == list(ORGS)
+    assert list(h[1]["seconds"]["stages"]) == ["train"] and set(h[1]["stage_compute_seconds"]) == {"train"}
     assert h[1]["heldout_loss"] < h[0]["heldout_loss"]
 
 
@@ -212,9 +230,11 @@ def test_private_org_metrics_run(fed, tiny_model, demo_data, tmp_path):
     h = history(out)
     assert sorted(h) == [0, 1, 2]
     for m in h.values():
-        private_keys = [k for k in m if k.endswith("_by_org") or k in ("client_seconds", "client_eval_seconds")]
+        private_keys = [k for k in m if k.endswith("_by_org") or k in ("client_seconds", "client_eval_seconds",
+                                                                             "stage_compute_seconds")]
         assert not private_keys, m
         assert m["heldout_orgs"] == list(ORGS)  # participation: what the held-out figure covers
+        assert "compute_seconds" not in m.get("final_evaluate", {})  # the slowest node's time is one node's figure
     # The log names organisations (participation) but never next to a loss or an image count.
     assert "ready (org-metrics=private" in log and "train / " not in log
     assert not re.search(r"org-\d\W+\d+\.\d", log), re.findall(r".*org-\d\W+\d+\.\d.*", log)

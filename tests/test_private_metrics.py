@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import uuid
 
 import numpy as np
 import pytest
@@ -146,21 +147,34 @@ class InProcessGrid:
 
     def __init__(self, app: ClientApp, contexts: dict[int, Context]) -> None:
         self.app, self.contexts, self.replies = app, contexts, []
+        self.ready: dict[str, Message] = {}  # pushed message id -> its reply, until pulled
 
     def get_node_ids(self):
         return list(self.contexts)
 
+    def _deliver(self, msg: Message) -> Message:
+        msg = copy.deepcopy(msg)  # each node gets its own copy, as over the wire (mods mutate it)
+        try:
+            reply = self.app(message=msg, context=self.contexts[msg.metadata.dst_node_id])
+        except Exception as ex:  # what a SuperNode sends back when the ClientApp raises
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(ex)), reply_to=msg)
+        self.replies.append(reply)
+        return reply
+
     def send_and_receive(self, messages, *, timeout=None):
-        out = []
+        return [self._deliver(msg) for msg in messages]
+
+    # The Grid's lower-level pair (app/grid.py's FastGrid uses it): every reply is ready at once.
+    def push_messages(self, messages):
+        ids = []
         for msg in messages:
-            msg = copy.deepcopy(msg)  # each node gets its own copy, as over the wire (mods mutate it)
-            try:
-                reply = self.app(message=msg, context=self.contexts[msg.metadata.dst_node_id])
-            except Exception as ex:  # what a SuperNode sends back when the ClientApp raises
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(ex)), reply_to=msg)
-            out.append(reply)
-        self.replies.extend(out)
-        return out
+            msg.metadata.__dict__["_message_id"] = mid = uuid.uuid4().hex  # as Flower's grids set it
+            self.ready[mid] = self._deliver(msg)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.ready.pop(mid) for mid in list(message_ids) if mid in self.ready]
 
 
 class FixedClient(NumPyClient):
@@ -188,9 +202,11 @@ def _server_identity(monkeypatch):
 
 
 def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool = False, node_config: dict | None = None,
-                org_prefix: str = "org", prepared: list[int] | None = None, mods: list | None = None):
+                org_prefix: str = "org", prepared: list[int] | None = None, mods: list | None = None,
+                wrap_grid=lambda grid: grid):
     """One SecAgg+ round in process. `prepared`: the counts the coordinator prepared with (default: the
-    nodes' current ones); `mods`: the ClientApp's mods (default: the app's own)."""
+    nodes' current ones); `mods`: the ClientApp's mods (default: the app's own); `wrap_grid`: what the
+    workflow gets instead of the grid (the ServerApp's FastGrid)."""
     cfg = RunConfig.from_flower(with_defaults(run_config))
     ids = list(range(101, 101 + len(nodes)))
     by_id = dict(zip(ids, zip(nodes, updates)))
@@ -218,7 +234,7 @@ def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool
     strategy.quant = q  # what Federation._configure_secagg sets for the round
     SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.67, max_weight=q.max_weight,
                        clipping_range=q.clipping_range, quantization_range=q.quantization_range,
-                       modulus_range=q.modulus_range)(grid, legacy)
+                       modulus_range=q.modulus_range)(wrap_grid(grid), legacy)
     return strategy, grid.replies
 
 
@@ -334,8 +350,10 @@ def test_what_the_coordinator_records_and_exports(mode):
     if mode == "shared":
         assert record["train_loss_by_org"][orgs[0]] == nodes[0]["report"]["train_loss"]
         assert revealed == nodes[0]["n"] and orgs[0] in line
+        assert record["stage_compute_seconds"] == {"collect_masked_vectors": max(x["report"]["fit_seconds"] for x in nodes)}
     else:
-        assert not [k for k in record if k.endswith("_by_org") or k == "client_seconds"], record
+        # The slowest node's compute time is one node's figure too.
+        assert not [k for k in record if k.endswith("_by_org") or k in ("client_seconds", "stage_compute_seconds")], record
         assert revealed is None and orgs[0] not in line and "stay private" in line
         figures = {f"{v:.5f}" for x in nodes for v in (x["report"]["train_loss"], x["report"]["heldout_loss"])}
         assert not figures & set(str(record).split()), record
