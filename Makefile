@@ -50,7 +50,7 @@ ORGS_TOOL = $$(sed -n '1s/^\#!//p' $(FLWR_CLI)) docker/orgs.py remote-federation
 DEMO_RUN_CONFIG ?= base-model="/models/tiny-sd" resolution=32 num-server-rounds=2 local-steps=20 \
 	learning-rate=1e-3 heldout-fraction=0.25 sample-steps=4 output-dir="/outputs/demo"
 
-.PHONY: help install test test-fast bench tiny-model demo-data clean-venv certs check-certs build outputs \
+.PHONY: help install test test-fast bench bench-train tiny-model demo-data clean-venv certs check-certs build outputs \
 	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs
 
 help: ## List the targets
@@ -73,6 +73,9 @@ test-fast: install ## Unit and static tests only (no federation, no Docker stack
 
 bench: install ## Round-time breakdown on this machine: SecAgg+ vs plain FedAvg, tiny model
 	$(PY) tests/benchmark_rounds.py
+
+bench-train: install ## One training step on this device: images/s, ms/step, memory, MFU; vs the diffusers recipe
+	$(PY) tests/benchmark_train.py
 
 tiny-model: install ## Write the offline tiny Stable Diffusion pipeline to models/tiny-sd (tests, demo)
 	HF_HUB_OFFLINE=1 $(PY) -m app.offline tiny-model models/tiny-sd
