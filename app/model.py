@@ -31,8 +31,8 @@ CACHE_VERSION = 2  # 2: entries keyed by the path relative to the data folder, n
 # A first encoding of a large folder can take an hour on CPU: the node's log says how far it is this
 # often (the coordinator only sees that it has not answered yet).
 PROGRESS_SECONDS = 30.0
-# Images per VAE/text-encoder call when a folder is first encoded: a GPU needs batches to be busy;
-# at 512 px a batch of 8 peaks at about 2.5 GB in the fp32 VAE encoder on CPU.
+# Images per VAE/text-encoder call when a folder is first encoded: a GPU needs batches to be busy.
+# The VAE encoder's activations grow with it (not measured at 512 px on CPU: mind 8 GB containers).
 ENCODE_BATCH = 8
 
 
