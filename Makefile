@@ -56,7 +56,7 @@ SIM_NODES ?= 3
 SIM_RUN_CONFIG ?= base-model="$(CURDIR)/models/tiny-sd" sim-data-dir="$(CURDIR)/data" \
 	output-dir="$(CURDIR)/outputs/simulation" $(DEMO_SETTINGS)
 
-.PHONY: help install test test-fast bench tiny-model demo-data partition clean-venv certs check-certs build outputs \
+.PHONY: help install test test-fast bench bench-train tiny-model demo-data partition clean-venv certs check-certs build outputs \
 	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs \
 	simulation-config simulate
 
@@ -80,6 +80,9 @@ test-fast: install ## Unit and static tests only (no federation, no Docker stack
 
 bench: install ## Per stage and round: wall time, slowest node's compute, the rest; SecAgg+ vs plain FedAvg, tiny model
 	$(PY) tests/benchmark_rounds.py
+
+bench-train: install ## One training step on this device: images/s, ms/step, memory, MFU; vs the diffusers recipe
+	$(PY) tests/benchmark_train.py
 
 tiny-model: install ## Write the offline tiny Stable Diffusion pipeline to models/tiny-sd (tests, demo)
 	HF_HUB_OFFLINE=1 $(PY) -m app.offline tiny-model models/tiny-sd

@@ -48,6 +48,7 @@ class RunConfig:
     local_steps: int
     learning_rate: float
     mixed_precision: str
+    compile: bool
     seed: int
     heldout_fraction: float
     eval_timesteps: int
@@ -77,6 +78,7 @@ class RunConfig:
             local_steps=_get(cfg, "local-steps", int),
             learning_rate=_get(cfg, "learning-rate", float),
             mixed_precision=_get(cfg, "mixed-precision", str),
+            compile=_get(cfg, "compile", bool),
             seed=_get(cfg, "seed", int),
             heldout_fraction=_get(cfg, "heldout-fraction", float),
             eval_timesteps=_get(cfg, "eval-timesteps", int),

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
 from flwr.common.logger import log
 from logging import INFO, WARNING
 from peft import LoraConfig
@@ -30,6 +31,9 @@ CACHE_VERSION = 2  # 2: entries keyed by the path relative to the data folder, n
 # A first encoding of a large folder can take an hour on CPU: the node's log says how far it is this
 # often (the coordinator only sees that it has not answered yet).
 PROGRESS_SECONDS = 30.0
+# Images per VAE/text-encoder call when a folder is first encoded: a GPU needs batches to be busy.
+# The VAE encoder's activations grow with it (not measured at 512 px on CPU: mind 8 GB containers).
+ENCODE_BATCH = 8
 
 
 class ModelNotAvailable(RuntimeError):
@@ -126,10 +130,19 @@ class LoraUNet:
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
             target_modules=list(cfg.lora_targets),
         ))
+        # PyTorch's fused attention (flash / memory-efficient kernels on GPUs), whatever diffusers'
+        # default of the day: the math fallback materialises every attention matrix.
+        unet.set_attn_processor(AttnProcessor2_0())
         unet.to(device)
+        if device.type == "cuda":
+            # NHWC: tensor-core convolutions need no layout transposes around every conv.
+            unet.to(memory_format=torch.channels_last)
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        if cfg.compile:
+            # In place: the module keeps its names, so the adapter's tensors are found as before.
+            unet.compile()
         scheduler = _from_pretrained(DDPMScheduler, cfg.base_model, "scheduler")
         return cls(unet, scheduler, device, autocast, list(lora_state(unet)))
 
@@ -146,46 +159,75 @@ class LoraUNet:
               on_step=None) -> dict[str, float]:
         """`steps` Adam steps on shuffled epochs of the training latents; returns loss and timings.
 
-        `on_step(seconds)` is called after every step (metrics)."""
+        The host never waits for the device inside a step: losses stay on the device and are read
+        at the five progress points (log, finiteness check, timings), so a GPU always has the next
+        steps queued. The numbers are those of the plain loop (tests/test_train_step.py): every
+        random draw comes from one CPU generator in the same order, whatever the device.
+
+        `on_step(seconds)` is called once per step (metrics), at each progress point with the mean
+        time per step since the last one: timing single steps would need a host sync each."""
         self.unet.train()
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        # No weight decay: secagg.adam_update_bound assumes plain Adam steps.
-        opt = torch.optim.AdamW(params, lr=learning_rate, betas=ADAM_BETAS, weight_decay=0.0)
+        cuda = self.device.type == "cuda"
+        # No weight decay: secagg.adam_update_bound assumes plain Adam steps. Fused: one kernel for
+        # all parameters' updates on CUDA; foreach batches them on CPU.
+        opt = torch.optim.AdamW(params, lr=learning_rate, betas=ADAM_BETAS, weight_decay=0.0,
+                                fused=True if cuda else None, foreach=None if cuda else True)
         gen = torch.Generator().manual_seed(seed)
-        n = len(data.train_latents)
+        n = data.num_train
         order = torch.cat([torch.randperm(n, generator=gen) for _ in range(steps * batch_size // n + 1)])
         num_t = self.scheduler.config.num_train_timesteps
-        losses, step_times = [], []
-        for step in range(steps):
-            t0 = time.perf_counter()
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            latents = data.train_latents[idx]
-            noise = torch.randn(latents.shape, generator=gen)
-            timesteps = torch.randint(0, num_t, (len(idx),), generator=gen)
-            latents, noise, timesteps = latents.to(self.device), noise.to(self.device), timesteps.to(self.device)
-            noisy = self.scheduler.add_noise(latents, noise, timesteps)
-            pred = self._predict(noisy, timesteps, data.train_embeds[idx].to(self.device))
-            loss = F.mse_loss(pred, self._target(latents, noise, timesteps))
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(loss.item(), step)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            losses.append(loss.item())
-            step_times.append(time.perf_counter() - t0)
+        # Resident for the whole run (a no-op where the caller already keeps them on the device).
+        order = order[:steps * batch_size].view(steps, batch_size).to(self.device)
+        all_latents, all_embeds = data.train_latents.to(self.device), data.train_embeds.to(self.device)
+        losses = torch.empty(steps, device=self.device)
+        every = max(1, steps // 5)
+        t0 = t_last = time.perf_counter()
+        for lo in range(0, steps, every):
+            hi = min(steps, lo + every)
+            noise, timesteps = self._draws(gen, hi - lo, (batch_size, *all_latents.shape[1:]), num_t)
+            for i, step in enumerate(range(lo, hi)):
+                latents = all_latents[order[step]]
+                noisy = self.scheduler.add_noise(latents, noise[i], timesteps[i])
+                pred = self._predict(noisy, timesteps[i], all_embeds[order[step]])
+                loss = F.mse_loss(pred, self._target(latents, noise[i], timesteps[i]))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)  # no host sync: it scales by a clamped factor
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses[step] = loss.detach()
+            # The progress point: the one place the host waits for the device.
+            chunk = losses[lo:hi].cpu()
+            now = time.perf_counter()
+            bad = (~torch.isfinite(chunk)).nonzero()
+            if len(bad):
+                # The weights took the bad steps after it: useless, but the run stops here anyway.
+                first = int(bad[0, 0])
+                raise NonFiniteLoss(float(chunk[first]), lo + first)
+            per_step, t_last = (now - t_last) / (hi - lo), now
             if on_step:
-                on_step(step_times[-1])
-            if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
-                log(INFO, "  step %d/%d loss %.4f (%.2f s/step)", step + 1, steps, np.mean(losses[-10:]), step_times[-1])
-        seconds = float(sum(step_times))
-        stats = {"train_loss": float(np.mean(losses)), "train_seconds": seconds,
+                for _ in range(hi - lo):
+                    on_step(per_step)
+            log(INFO, "  step %d/%d loss %.4f (%.2f s/step)", hi, steps, float(chunk.mean()), per_step)
+        seconds = time.perf_counter() - t0
+        stats = {"train_loss": float(losses.cpu().double().mean()), "train_seconds": seconds,
                  "images_per_second": steps * batch_size / seconds if seconds else 0.0}
-        if self.device.type == "cuda":
+        if cuda:
             stats["accelerator_memory_peak_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
         return stats
+
+    def _draws(self, gen: torch.Generator, steps: int, shape: tuple[int, ...], num_t: int):
+        """Noise and timesteps for `steps` steps, drawn in the plain loop's order, on the device."""
+        noise, timesteps = [], []
+        for _ in range(steps):
+            noise.append(torch.randn(shape, generator=gen))
+            timesteps.append(torch.randint(0, num_t, shape[:1], generator=gen))
+        noise, timesteps = torch.stack(noise), torch.stack(timesteps)
+        if self.device.type == "cuda":
+            # Pinned, so that the copy is queued behind the running steps instead of waiting for them.
+            return (noise.pin_memory().to(self.device, non_blocking=True),
+                    timesteps.pin_memory().to(self.device, non_blocking=True))
+        return noise, timesteps
 
     @torch.no_grad()
     def heldout_loss(self, data: EncodedData, eval_timesteps: int, seed: int, batch_size: int) -> float:
@@ -197,7 +239,8 @@ class LoraUNet:
         self.unet.eval()
         num_t = self.scheduler.config.num_train_timesteps
         grid = torch.linspace(0, num_t - 1, eval_timesteps).round().long()
-        total, count = 0.0, 0
+        # Summed on the device: the host reads it once, not after every batch.
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for i in range(len(data.heldout_latents)):
             noise = torch.randn((eval_timesteps, *data.heldout_latents.shape[1:]),
                                 generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
@@ -206,9 +249,9 @@ class LoraUNet:
             for s in range(0, eval_timesteps, batch_size):
                 lat, nz, t = (x[s:s + batch_size].to(self.device) for x in (latents, noise, grid))
                 pred = self._predict(self.scheduler.add_noise(lat, nz, t), t, embeds[s:s + batch_size].to(self.device))
-                total += F.mse_loss(pred, self._target(lat, nz, t), reduction="sum").item() / lat[0].numel()
+                total += F.mse_loss(pred, self._target(lat, nz, t), reduction="sum").double() / lat[0].numel()
                 count += len(t)
-        return total / count
+        return float(total) / count
 
 
 # --- The latent cache ----------------------------------------------------------------------------
@@ -228,6 +271,11 @@ class EncodedData:
     @property
     def num_heldout(self) -> int:
         return len(self.heldout_latents)
+
+    def to(self, device: torch.device) -> EncodedData:
+        """The same data on `device`: a process that trains many times moves them there once."""
+        return EncodedData(self.train_latents.to(device), self.train_embeds.to(device),
+                           self.heldout_latents.to(device), self.heldout_embeds.to(device), self.skipped)
 
 
 def prepare_data(cfg: RunConfig, node: NodeConfig) -> EncodedData:
@@ -281,23 +329,28 @@ def _encode(cfg: RunConfig, examples: list[Example], data_dir: Path) -> dict:
     text_encoder = _from_pretrained(CLIPTextModel, cfg.base_model, "text_encoder", dtype=dtype).to(device)
     names, latents, embeds, skipped = [], [], [], []
     t0 = last_report = time.perf_counter()
-    for i, e in enumerate(examples):
-        pixels = load_image(e.path, cfg.resolution)
-        if pixels is None:  # load_image logged why
-            skipped.append(e.name)
-            continue
-        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device, dtype=dtype)
-        # The posterior mean, not a sample: the cache must not freeze one random draw.
-        latents.append(vae.encode(x).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
-        ids = tokenizer(e.caption, max_length=tokenizer.model_max_length, padding="max_length",
-                        truncation=True, return_tensors="pt").input_ids
-        embeds.append(text_encoder(ids.to(device))[0].float().cpu())
-        names.append(e.name)
-        now = time.perf_counter()
-        if now - last_report >= PROGRESS_SECONDS and i + 1 < len(examples):
-            last_report, rate = now, (i + 1) / (now - t0)
-            log(INFO, "encoded %d/%d images (%.1f images/s, about %.0f s left)", i + 1, len(examples), rate,
-                (len(examples) - i - 1) / rate)
+    for first in range(0, len(examples), ENCODE_BATCH):
+        chunk, pixels = [], []
+        for e in examples[first:first + ENCODE_BATCH]:
+            image = load_image(e.path, cfg.resolution)
+            if image is None:  # load_image logged why
+                skipped.append(e.name)
+            else:
+                chunk.append(e)
+                pixels.append(torch.from_numpy(image).permute(2, 0, 1))
+        if chunk:
+            x = torch.stack(pixels).to(device, dtype=dtype)
+            # The posterior mean, not a sample: the cache must not freeze one random draw.
+            latents.append(vae.encode(x).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
+            ids = tokenizer([e.caption for e in chunk], max_length=tokenizer.model_max_length,
+                            padding="max_length", truncation=True, return_tensors="pt").input_ids
+            embeds.append(text_encoder(ids.to(device))[0].float().cpu())
+            names += [e.name for e in chunk]
+        done, now = min(first + ENCODE_BATCH, len(examples)), time.perf_counter()
+        if now - last_report >= PROGRESS_SECONDS and done < len(examples):
+            last_report, rate = now, done / (now - t0)
+            log(INFO, "encoded %d/%d images (%.1f images/s, about %.0f s left)", done, len(examples), rate,
+                (len(examples) - done) / rate)
     if not latents:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         raise DataError(f"none of the {len(examples)} image files in {data_dir} is usable: {shown} ({SKIP_REASONS}). "

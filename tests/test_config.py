@@ -12,6 +12,7 @@ def test_defaults_are_valid_and_real():
     cfg = RunConfig.from_flower(with_defaults({}))
     assert cfg.base_model == "segmind/tiny-sd" and cfg.aggregation == "secagg+" and cfg.resolution == 512
     assert cfg.lora_targets == ("to_q", "to_k", "to_v", "to_out.0")
+    assert cfg.compile is False  # a compilation per ClientApp process costs more than it saves
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -28,6 +29,7 @@ def test_defaults_are_valid_and_real():
     ("org-metrics", "hidden", "one of"),
     ("max-images-per-node", 0, "> 0"),
     ("prepare-timeout", 0, "prepare-timeout. must be > 0"),
+    ("compile", "true", "'compile' must be bool"),
 ])
 def test_invalid_run_settings(key, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -179,7 +179,8 @@ def test_first_encoding_logs_its_progress(tmp_path, tiny_model, monkeypatch, cap
 
     from app import model
 
-    monkeypatch.setattr(model, "PROGRESS_SECONDS", 0.0)  # report after every image
+    monkeypatch.setattr(model, "PROGRESS_SECONDS", 0.0)  # report after every batch
+    monkeypatch.setattr(model, "ENCODE_BATCH", 1)
     root = _imagefolder(tmp_path / "d", 4)
     cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
     with caplog.at_level(logging.INFO, logger="flwr"):
@@ -187,6 +188,25 @@ def test_first_encoding_logs_its_progress(tmp_path, tiny_model, monkeypatch, cap
     text = caplog.text
     assert "[org-x] encoding 4 images once" in text
     assert all(f"encoded {i}/4 images" in text for i in (1, 2, 3)) and "s left)" in text, text
+
+
+def test_images_encoded_in_batches_get_what_one_at_a_time_gets(tmp_path, tiny_model, monkeypatch):
+    from app import model
+    from app.data import discover
+
+    root = _imagefolder(tmp_path / "d", 7)
+    (root / "img4.png").write_bytes(b"garbage")  # a gap inside a batch
+    cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
+    examples = discover(root, None)
+    monkeypatch.setattr(model, "ENCODE_BATCH", 1)
+    one = model._encode(cfg, examples, root)
+    monkeypatch.setattr(model, "ENCODE_BATCH", 3)
+    batched = model._encode(cfg, examples, root)
+    assert batched["names"] == one["names"] == [f"img{i}.png" for i in (0, 1, 2, 3, 5, 6)]
+    assert batched["skipped"] == one["skipped"] == ["img4.png"]
+    for field in ("latents", "embeds"):
+        assert len({row.numpy().tobytes() for row in one[field]}) == 6  # six different images and captions
+        np.testing.assert_allclose(batched[field].numpy(), one[field].numpy(), rtol=1e-5, atol=1e-6, err_msg=field)
 
 
 def test_same_file_name_in_two_subfolders_is_two_images(tmp_path, tiny_model):
