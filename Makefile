@@ -51,7 +51,7 @@ ORGS_TOOL = $$(sed -n '1s/^\#!//p' $(FLWR_CLI)) docker/orgs.py remote-federation
 DEMO_RUN_CONFIG ?= base-model="/models/tiny-sd" resolution=32 num-server-rounds=2 local-steps=20 \
 	learning-rate=1e-3 heldout-fraction=0.25 sample-steps=4 output-dir="/outputs/demo"
 
-.PHONY: help install test test-fast bench tiny-model demo-data partition clean-venv certs check-certs build outputs \
+.PHONY: help install test test-fast bench compare tiny-model demo-data partition clean-venv certs check-certs build outputs \
 	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs
 
 help: ## List the targets
@@ -74,6 +74,10 @@ test-fast: install ## Unit and static tests only (no federation, no Docker stack
 
 bench: install ## Round-time breakdown on this machine: SecAgg+ vs plain FedAvg, tiny model
 	$(PY) tests/benchmark_rounds.py
+
+COMPARE_ARGS ?=
+compare: install ## Does federating pay? Held-out loss: base, each org alone, FedAvg, SecAgg+, pooled (COMPARE_ARGS="--rounds 5 --data-dir data")
+	$(PY) tests/benchmark_compare.py $(COMPARE_ARGS)
 
 tiny-model: install ## Write the offline tiny Stable Diffusion pipeline to models/tiny-sd (tests, demo)
 	HF_HUB_OFFLINE=1 $(PY) -m app.offline tiny-model models/tiny-sd
