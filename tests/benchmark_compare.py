@@ -23,8 +23,14 @@ fixed noise) on each organisation's held-out images, split by the app's own per-
 of them (each organisation's loss weighted by its held-out images, as the ServerApp reports it).
 
 It prints a table, checks the in-process measurement of the FedAvg adapter against what the nodes
-themselves measured during the run, compares SecAgg+ with FedAvg against the quantization step the
-run recorded, and writes results.json and compare.png (matplotlib, the `test` extra) to --out.
+themselves measured during the run, compares SecAgg+ with FedAvg on round 1 (the same updates, so
+only aggregation differs) against the quantization step the run recorded, and writes results.json,
+compare.png (matplotlib, the `test` extra) and the two runs' own outputs (runs/fedavg, runs/secagg+:
+metrics.jsonl, losses.png, adapters) to --out.
+
+Why "alone" is what it is: joining the federation costs an organisation R x S steps of its own
+compute, so that is what it would spend alone. Pooled is a ceiling, not an option: it needs the
+images in one place, and it spends N times the steps of any single organisation.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -184,18 +191,30 @@ def run_federation(fed, run_config: dict, out: Path) -> list[np.ndarray]:
     from app.outputs import read_adapter
 
     result = fed.run_app(run_config | {"output-dir": str(out)})
+    # On a loaded machine `flwr run --stream` can stop streaming before the run ends: wait for it.
+    deadline = time.monotonic() + run_config["round-timeout"] * (run_config["num-server-rounds"] + 2)
+    while not fed.last_run_status().startswith("finished") and time.monotonic() < deadline:
+        time.sleep(5)
     if fed.last_run_status() != "finished:completed":
         sys.exit(f"{run_config['aggregation']} run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return list(read_adapter(out / "final").values())
 
 
-def quantization_bound(out: Path) -> float:
-    """The SecAgg+ run's worst-case error of the aggregated update, summed over its rounds: each of
-    the k nodes' values rounds by under one level (`step`, recorded per round), and the weighted mean
-    divides their sum by the weight total, sum(n)/max_weight."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
-    return sum(len(r["aggregated"]) * r["quantization"]["step"] * r["quantization"]["max_weight"] / r["num_examples"]
-               for r in rows)
+def first_round_gap(fedavg: Path, secagg: Path) -> tuple[float, float]:
+    """SecAgg+ vs FedAvg on round 1, where both runs aggregate the very same updates (same start, same
+    seeds): (largest weight difference, what the app allows). Allowed: each of the k nodes' values
+    rounds by under one quantization level (`step`, recorded in the run), the weighted mean divides
+    their sum by sum(n)/max_weight, and each run stores the adapter in float32 (half an ulp each).
+    Later rounds train from the two slightly different adapters, so their gap is no longer bounded
+    by this; what matters there is the held-out loss."""
+    from app.outputs import read_adapter
+
+    q = json.loads((secagg / "rounds" / "round-0001" / "metrics.json").read_text())
+    a = list(read_adapter(fedavg / "rounds" / "round-0001").values())
+    b = list(read_adapter(secagg / "rounds" / "round-0001").values())
+    quantization = len(q["aggregated"]) * q["quantization"]["step"] * q["quantization"]["max_weight"] / q["num_examples"]
+    float32 = max(float(np.max(np.abs(x))) for x in a) * 2.0**-23
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)), quantization + float32
 
 
 def nodes_measured(out: Path) -> dict[str, float]:
@@ -240,6 +259,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
 
     t_start = time.perf_counter()
+    args.out = args.out.resolve()  # the ServerApp needs an absolute output-dir
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedlora-compare-") as tmp:
         tmp = Path(tmp)
@@ -279,10 +299,15 @@ def main() -> None:
         print(f"  {POOLED}: {args.rounds} rounds x {len(orgs) * args.local_steps} steps trained "
               f"(alone and pooled: {seconds['alone and pooled']:.0f} s)")
 
+        # Each run's own outputs (metrics.jsonl, losses.png, adapters) stay beside the results; a
+        # previous comparison's are replaced, or the ServerApp would resume them.
+        runs = args.out / "runs"
+        for mode in ("fedavg", "secagg+"):
+            shutil.rmtree(runs / mode, ignore_errors=True)
         with LocalFederation(tmp / "fed", tmp / "certs", node_config) as fed:
             for method, mode in ((FEDAVG, "fedavg"), (SECAGG, "secagg+")):
                 t0 = time.perf_counter()
-                adapters[method] = run_federation(fed, run_config | {"aggregation": mode}, tmp / f"out-{mode}")
+                adapters[method] = run_federation(fed, run_config | {"aggregation": mode}, runs / mode)
                 seconds[method] = time.perf_counter() - t0
                 print(f"  {method}: {args.rounds} rounds in {seconds[method]:.0f} s")
 
@@ -296,7 +321,7 @@ def main() -> None:
 
         # The nodes measured the FedAvg run's final adapter themselves (its evaluate stage): the same
         # figures, or this benchmark measures something else than the app does.
-        by_nodes = nodes_measured(tmp / "out-fedavg")
+        by_nodes = nodes_measured(runs / "fedavg")
         gap = max(abs(by_nodes[o] - table[FEDAVG][o]) for o in orgs)
         print(f"\nFedAvg's final adapter as its nodes measured it in the run: "
               f"{', '.join(f'{o} {by_nodes[o]:.5f}' for o in orgs)} (largest difference {gap:.1e})")
@@ -304,10 +329,10 @@ def main() -> None:
             sys.exit("the in-process measurement disagrees with the nodes': the benchmark is broken")
 
         v = verdict(table, orgs)
-        weight_gap = max(float(np.max(np.abs(a - b))) for a, b in zip(adapters[SECAGG], adapters[FEDAVG]))
-        bound = quantization_bound(tmp / "out-secagg+")
-        print(f"SecAgg+ - FedAvg: union held-out loss {v.secagg_minus_fedavg:+.1e}; largest adapter weight "
-              f"difference {weight_gap:.1e}, quantization error bound {bound:.1e} (one level per node per round)")
+        gap, allowed = first_round_gap(runs / "fedavg", runs / "secagg+")
+        print(f"SecAgg+ - FedAvg: union held-out loss {v.secagg_minus_fedavg:+.1e}; round 1, the same updates "
+              f"aggregated: largest adapter weight difference {gap:.1e}, allowed {allowed:.1e} (quantization "
+              f"+ float32 rounding)")
         print(f"federated beats every organisation alone on the union: {'yes' if v.federated_beats_alone else 'NO'} "
               f"(FedAvg {table[FEDAVG][UNION]:.5f}, SecAgg+ {table[SECAGG][UNION]:.5f}, best alone "
               f"{v.best_alone} {table[v.best_alone][UNION]:.5f})")
@@ -320,7 +345,7 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps({
         "run_config": run_config, "organisations": {o: {"train": d.num_train, "heldout": d.num_heldout}
                                                    for o, d in data.items()},
-        "heldout_loss": table, "secagg_minus_fedavg_weights": weight_gap, "quantization_bound": bound,
+        "heldout_loss": table, "secagg_minus_fedavg_round_1_weights": gap, "allowed_round_1": allowed,
         "verdict": vars(v), "seconds": seconds}, indent=2) + "\n")
     print(f"wall time {seconds['total']:.0f} s ({', '.join(f'{k} {s:.0f} s' for k, s in seconds.items() if k != 'total')}); "
           f"wrote {args.out / 'results.json'} and {args.out / 'compare.png'}")
