@@ -56,7 +56,7 @@ SIM_NODES ?= 3
 SIM_RUN_CONFIG ?= base-model="$(CURDIR)/models/tiny-sd" sim-data-dir="$(CURDIR)/data" \
 	output-dir="$(CURDIR)/outputs/simulation" $(DEMO_SETTINGS)
 
-.PHONY: help install test test-fast bench bench-train tiny-model demo-data partition clean-venv certs check-certs build outputs \
+.PHONY: help install test test-fast bench bench-train compare tiny-model demo-data partition clean-venv certs check-certs build outputs \
 	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs \
 	simulation-config simulate
 
@@ -83,6 +83,10 @@ bench: install ## Per stage and round: wall time, slowest node's compute, the re
 
 bench-train: install ## One training step on this device: images/s, ms/step, memory, MFU; vs the diffusers recipe
 	$(PY) tests/benchmark_train.py
+
+COMPARE_ARGS ?=
+compare: install ## Does federating pay? Held-out loss: base, each org alone, FedAvg, SecAgg+, pooled (COMPARE_ARGS="--rounds 5 --data-dir data")
+	$(PY) tests/benchmark_compare.py $(COMPARE_ARGS)
 
 tiny-model: install ## Write the offline tiny Stable Diffusion pipeline to models/tiny-sd (tests, demo)
 	HF_HUB_OFFLINE=1 $(PY) -m app.offline tiny-model models/tiny-sd
