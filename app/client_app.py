@@ -31,7 +31,7 @@ from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from . import metrics, trainer
+from . import metrics, trainer, wire
 from .config import ConfigError, NodeConfig, RunConfig
 from .secagg import adam_update_bound, private_vector
 
@@ -171,19 +171,24 @@ class LoraClient(NumPyClient):
             return self.warm.prepare(self.cfg)
         return prepare(self.cfg, self.node)
 
+    # Messages carry the adapter as one vector (app/wire.py); everything here works on its matrices.
     def fit(self, parameters, config):
         if config.get("measure-only"):
             # org-metrics="private": the final adapter's held-out loss, sent through SecAgg+ as a fit.
             _, _, report = self.evaluate(parameters, config)
             return [], 0, report
+        global_arrays = wire.unpack(parameters, config[wire.SHAPES_KEY])
         if self.warm:
-            return self.warm.fit(self.cfg, parameters, int(config["server-round"]))
-        return local_update(self.cfg, self.node, parameters, int(config["server-round"]))
+            update, n, report = self.warm.fit(self.cfg, global_arrays, int(config["server-round"]))
+        else:
+            update, n, report = local_update(self.cfg, self.node, global_arrays, int(config["server-round"]))
+        return wire.pack(update), n, report
 
     def evaluate(self, parameters, config):
+        global_arrays = wire.unpack(parameters, config[wire.SHAPES_KEY])
         if self.warm:
-            return self.warm.evaluate(self.cfg, parameters, config.get("server-round"))
-        return measure(self.cfg, self.node, parameters, config.get("server-round"))
+            return self.warm.evaluate(self.cfg, global_arrays, config.get("server-round"))
+        return measure(self.cfg, self.node, global_arrays, config.get("server-round"))
 
 
 def refuse_revealing_runs(msg, ctxt, call_next):

@@ -41,7 +41,7 @@ from flwr.server.workflow.default_workflows import default_evaluate_workflow, de
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
-from . import metrics, reporting
+from . import metrics, reporting, wire
 from .admission import Admission, RunFailed
 from .config import RunConfig
 from .grid import FastGrid
@@ -64,13 +64,20 @@ class RoundStrategy(Strategy):
         self.quant: QuantizationSettings | None = None  # this round's SecAgg+ settings (None: plain FedAvg)
 
     def initialize_parameters(self, client_manager):
-        return ndarrays_to_parameters(self.global_arrays)
+        return self.wire()
+
+    def wire(self):
+        return ndarrays_to_parameters(wire.pack(self.global_arrays))
+
+    def unwire(self, parameters) -> list[np.ndarray]:
+        return wire.unpack(parameters_to_ndarrays(parameters), [g.shape for g in self.global_arrays])
 
     def configure_fit(self, server_round, parameters, client_manager):
         self.fit = None
         if self.measure_only:
             self.eval = None
-        config = {"server-round": server_round} | ({"measure-only": True} if self.measure_only else {})
+        config = ({"server-round": server_round} | wire.shapes_config(self.global_arrays)
+                  | ({"measure-only": True} if self.measure_only else {}))
         if self.quant:
             # Each node checks its example count against it before masking (client_app.secagg_when_asked).
             config["max-weight"] = self.quant.max_weight
@@ -94,6 +101,7 @@ class RoundStrategy(Strategy):
                 parameters_to_ndarrays(results[0][1].parameters), len(results),
                 clipping_range=adam_update_bound(self.cfg.learning_rate, self.cfg.local_steps), max_images=self.cfg.max_images_per_node,
                 round_timeout=self.cfg.round_timeout)
+            update = wire.unpack(update, [g.shape for g in self.global_arrays]) if update else []
             by_org = None
             if federated["nonfinite_losses"]:
                 log(ERROR, "round %d: %d non-finite loss(es) among the nodes' figures", server_round,
@@ -103,7 +111,7 @@ class RoundStrategy(Strategy):
             total = sum(res.num_examples for _, res in results)
             update = [np.zeros(g.shape, np.float64) for g in self.global_arrays]
             for _, res in results:
-                for acc, arr in zip(update, parameters_to_ndarrays(res.parameters)):
+                for acc, arr in zip(update, self.unwire(res.parameters)):
                     acc += arr.astype(np.float64) * (res.num_examples / total)
             federated = reporting.shared_figures(by_org)
         heldout = reporting.shared_heldout(by_org) if by_org else reporting.private_heldout(federated, list(by_proxy))
@@ -119,11 +127,11 @@ class RoundStrategy(Strategy):
             "by_org": by_org,
             "heldout": heldout,
         }
-        return ndarrays_to_parameters(self.global_arrays), {}
+        return self.wire(), {}
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         self.eval = None
-        ins = EvaluateIns(parameters, {"server-round": server_round})
+        ins = EvaluateIns(parameters, {"server-round": server_round} | wire.shapes_config(self.global_arrays))
         return [(proxy, ins) for proxy in self.participants]
 
     def aggregate_evaluate(self, server_round, results: list[tuple[ClientProxy, EvaluateRes]], failures):
@@ -260,7 +268,7 @@ class Federation:
         log(INFO, *reporting.heldout_log_line(rnd, heldout))
 
     def _set_global(self) -> None:
-        params = ndarrays_to_parameters(self.strategy.global_arrays)
+        params = self.strategy.wire()
         self.legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, True)
 
     def _configure_secagg(self) -> dict[str, float] | None:

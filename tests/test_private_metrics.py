@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.client import ClientApp, NumPyClient
-from flwr.common import ConfigRecord, GetPropertiesIns, ndarrays_to_parameters
+from flwr.common import ConfigRecord, GetPropertiesIns
 from flwr.common.constant import ErrorCode, MessageTypeLegacy
 from flwr.server import ServerConfig
 from flwr.server.client_manager import SimpleClientManager
@@ -27,6 +27,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.compat.common import recorddict_compat as compat
 
+from app import wire
 from app.client_app import PUBLIC_FIT_METRICS, refuse_revealing_runs, secagg_when_asked
 from app.config import ConfigError, RunConfig
 from app.secagg import (LOSS_BOUND, PrivateBoundError, QuantizationSettings, adam_update_bound, private_sums,
@@ -188,7 +189,7 @@ class FixedClient(NumPyClient):
             raise ConnectionError("node went offline mid-round")
         if config.get("measure-only"):
             return [], 0, self.node["report"]
-        return self.update, self.node["n"], self.node["report"]
+        return wire.pack(self.update), self.node["n"], self.node["report"]
 
 
 @pytest.fixture(autouse=True)
@@ -227,8 +228,7 @@ def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool
     legacy = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                            config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=clients)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.START_TIME: 0.0, Key.CURRENT_ROUND: 1})
-    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-        ndarrays_to_parameters(strategy.global_arrays), True)
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(strategy.wire(), True)
     q = (QuantizationSettings.private(cfg.learning_rate, cfg.local_steps, len(nodes)) if cfg.org_metrics == "private"
          else QuantizationSettings.for_round(cfg.learning_rate, cfg.local_steps, prepared or [x["n"] for x in nodes]))
     strategy.quant = q  # what Federation._configure_secagg sets for the round
