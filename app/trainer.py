@@ -11,8 +11,9 @@ node's cache directory, and starts that trainer when none answers:
   trainer refuses one that differs from its own, so a trainer of other code is never used: the
   ClientApp replaces it. A ClientApp that starts a trainer tells its organisation's trainers of
   other code to exit.
-- One organisation. The socket's name holds the organisation and the code hash; the socket is
-  0600 in a 0700 directory of the node's user; the trainer refuses requests for another one.
+- One organisation. The socket's name holds the organisation, the code hash and the node's
+  train-processes setting; the socket is 0600 in a 0700 directory of the node's user; the trainer
+  refuses requests for another organisation.
 - The same computation. The trainer runs client_app's prepare, local_update and measure with
   its `Resident` model and latents where the ClientApp would load them (`FromDisk`). Node setting
   warm-trainer=false runs them in the ClientApp, as every message did before.
