@@ -62,8 +62,8 @@ class FromDisk:
         return model.LoraUNet.load(cfg)
 
     @staticmethod
-    def training_starts() -> None:
-        pass
+    def train(net, data, cfg: RunConfig, node: NodeConfig, seed: int, on_step):
+        return net.train(data, cfg.local_steps, cfg.batch_size, cfg.learning_rate, seed, on_step=on_step)
 
 
 def prepare(cfg: RunConfig, node: NodeConfig, resident=FromDisk) -> dict:
@@ -101,10 +101,8 @@ def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarra
     log(INFO, "[%s] round %d: global %s has held-out loss %.5f; training %d steps on %d images", node.org, rnd,
         received, heldout, cfg.local_steps, data.num_train)
     step_seconds = metrics.STEP_SECONDS.labels(node.org)
-    resident.training_starts()
     try:
-        stats = net.train(data, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
-                          round_seed(cfg.seed, rnd, node.org), on_step=step_seconds.observe)
+        stats = resident.train(net, data, cfg, node, round_seed(cfg.seed, rnd, node.org), step_seconds.observe)
     except model.NonFiniteLoss as err:
         metrics.TRAIN_LOSS.labels(node.org).set(err.loss)
         raise

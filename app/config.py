@@ -189,6 +189,9 @@ class NodeConfig:
     warm_trainer: bool = True
     # Seconds a warm trainer waits for the next message before it exits and frees its memory.
     warm_trainer_idle: float = 1800.0
+    # Data-parallel training processes of the warm trainer (app/parallel.py); None ("auto"): one per
+    # visible GPU, one on a CPU.
+    train_processes: int | None = None
 
     @classmethod
     def from_flower(cls, cfg: Mapping[str, Any], run_config: Mapping[str, Any] | None = None) -> NodeConfig:
@@ -209,7 +212,12 @@ class NodeConfig:
         idle = cfg.get("warm-trainer-idle", cls.warm_trainer_idle)
         if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:
             raise ConfigError(f"SuperNode --node-config 'warm-trainer-idle' must be a number of seconds > 0, got {idle!r}")
-        return cls(Path(str(cfg["data-dir"])), str(cfg["org"]), caption, Path(str(cache)), share, warm, float(idle))
+        processes = cfg.get("train-processes", "auto")
+        if processes != "auto" and (isinstance(processes, bool) or not isinstance(processes, int) or processes < 1):
+            raise ConfigError(f"SuperNode --node-config 'train-processes' must be \"auto\" (one per GPU) or a number "
+                              f">= 1 (unquoted), got {processes!r}")
+        return cls(Path(str(cfg["data-dir"])), str(cfg["org"]), caption, Path(str(cache)), share, warm, float(idle),
+                   None if processes == "auto" else processes)
 
     @classmethod
     def simulated(cls, partition_id: int, sim_data_dir: str) -> NodeConfig:

@@ -23,7 +23,7 @@ from logging import INFO, WARNING
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from .config import NodeConfig, RunConfig
+from .config import ConfigError, NodeConfig, RunConfig
 from .data import SKIP_REASONS, DataError, Example, discover, fingerprint, load_image, split
 from .secagg import ADAM_BETAS
 
@@ -62,6 +62,17 @@ def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype | 
     if mixed_precision == "no" or (mixed_precision == "auto" and not native_bf16):
         return device, None
     return device, torch.bfloat16
+
+
+def batch_part(batch_size: int, processes: int, rank: int) -> slice:
+    """The contiguous part of each batch that process `rank` of `processes` trains on."""
+    if batch_size % processes:
+        raise ConfigError(
+            f"run setting batch-size={batch_size} does not split evenly across this node's {processes} training "
+            f"processes (node setting train-processes): use a batch-size divisible by {processes}, or set the node's "
+            f"train-processes to a divisor of {batch_size}")
+    part = batch_size // processes
+    return slice(rank * part, (rank + 1) * part)
 
 
 def _from_pretrained(cls, base_model: str, subfolder: str, **kwargs):
@@ -146,9 +157,9 @@ class LoraUNet:
         scheduler = _from_pretrained(DDPMScheduler, cfg.base_model, "scheduler")
         return cls(unet, scheduler, device, autocast, list(lora_state(unet)))
 
-    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, unet=None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            return self.unet(latents, timesteps, embeds).sample.float()
+            return (unet or self.unet)(latents, timesteps, embeds).sample.float()
 
     def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.scheduler.config.prediction_type == "v_prediction":
@@ -156,7 +167,7 @@ class LoraUNet:
         return noise
 
     def train(self, data: EncodedData, steps: int, batch_size: int, learning_rate: float, seed: int,
-              on_step=None) -> dict[str, float]:
+              on_step=None, accelerator=None) -> dict[str, float]:
         """`steps` Adam steps on shuffled epochs of the training latents; returns loss and timings.
 
         The host never waits for the device inside a step: losses stay on the device and are read
@@ -165,7 +176,15 @@ class LoraUNet:
         random draw comes from one CPU generator in the same order, whatever the device.
 
         `on_step(seconds)` is called once per step (metrics), at each progress point with the mean
-        time per step since the last one: timing single steps would need a host sync each."""
+        time per step since the last one: timing single steps would need a host sync each.
+
+        With an `accelerator` of N processes (app/parallel.py) each of them calls this with the same
+        arguments. Each draws the whole batch's order, noise and timesteps from the same generator,
+        so all hold the random stream of one process, and trains on its own contiguous 1/N of each
+        batch; DDP averages the gradients, which is the whole batch's mean gradient, so clipping and
+        Adam take the step one process would take (up to the order of float additions)."""
+        processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+        mine = batch_part(batch_size, processes, rank)
         self.unet.train()
         params = [p for p in self.unet.parameters() if p.requires_grad]
         cuda = self.device.type == "cuda"
@@ -182,36 +201,52 @@ class LoraUNet:
         all_latents, all_embeds = data.train_latents.to(self.device), data.train_embeds.to(self.device)
         losses = torch.empty(steps, device=self.device)
         every = max(1, steps // 5)
+        # DDP averages the gradients over the processes in each backward; wrapping it broadcasts rank
+        # 0's weights (the received adapter) to the others. Per call: the optimizer is new each call too.
+        unet = accelerator.prepare_model(self.unet) if processes > 1 else self.unet
         t0 = t_last = time.perf_counter()
-        for lo in range(0, steps, every):
-            hi = min(steps, lo + every)
-            noise, timesteps = self._draws(gen, hi - lo, (batch_size, *all_latents.shape[1:]), num_t)
-            for i, step in enumerate(range(lo, hi)):
-                latents = all_latents[order[step]]
-                noisy = self.scheduler.add_noise(latents, noise[i], timesteps[i])
-                pred = self._predict(noisy, timesteps[i], all_embeds[order[step]])
-                loss = F.mse_loss(pred, self._target(latents, noise[i], timesteps[i]))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)  # no host sync: it scales by a clamped factor
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses[step] = loss.detach()
-            # The progress point: the one place the host waits for the device.
-            chunk = losses[lo:hi].cpu()
-            now = time.perf_counter()
-            bad = (~torch.isfinite(chunk)).nonzero()
-            if len(bad):
-                # The weights took the bad steps after it: useless, but the run stops here anyway.
-                first = int(bad[0, 0])
-                raise NonFiniteLoss(float(chunk[first]), lo + first)
-            per_step, t_last = (now - t_last) / (hi - lo), now
-            if on_step:
-                for _ in range(hi - lo):
-                    on_step(per_step)
-            log(INFO, "  step %d/%d loss %.4f (%.2f s/step)", hi, steps, float(chunk.mean()), per_step)
+        try:
+            for lo in range(0, steps, every):
+                hi = min(steps, lo + every)
+                noise, timesteps = self._draws(gen, hi - lo, (batch_size, *all_latents.shape[1:]), num_t)
+                for i, step in enumerate(range(lo, hi)):
+                    batch, step_noise, step_t = order[step, mine], noise[i, mine], timesteps[i, mine]
+                    latents = all_latents[batch]
+                    noisy = self.scheduler.add_noise(latents, step_noise, step_t)
+                    pred = self._predict(noisy, step_t, all_embeds[batch], unet)
+                    loss = F.mse_loss(pred, self._target(latents, step_noise, step_t))
+                    if accelerator:
+                        accelerator.backward(loss)
+                    else:
+                        loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)  # no host sync: it scales by a clamped factor
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    losses[step] = loss.detach()
+                # The progress point: the one place the host waits for the device.
+                if processes > 1:
+                    # The mean of the processes' means is the whole batch's loss: every process sees the
+                    # same figures, and all stop at the same step if one is not finite.
+                    losses[lo:hi] = accelerator.reduce(losses[lo:hi], "mean")
+                chunk = losses[lo:hi].cpu()
+                now = time.perf_counter()
+                bad = (~torch.isfinite(chunk)).nonzero()
+                if len(bad):
+                    # The weights took the bad steps after it: useless, but the run stops here anyway.
+                    first = int(bad[0, 0])
+                    raise NonFiniteLoss(float(chunk[first]), lo + first)
+                per_step, t_last = (now - t_last) / (hi - lo), now
+                if on_step:
+                    for _ in range(hi - lo):
+                        on_step(per_step)
+                if rank == 0:  # the others' lines would repeat it
+                    log(INFO, "  step %d/%d loss %.4f (%.2f s/step)", hi, steps, float(chunk.mean()), per_step)
+        finally:
+            if processes > 1:
+                accelerator.free_memory()  # lets go of the DDP wrapper
         seconds = time.perf_counter() - t0
         stats = {"train_loss": float(losses.cpu().double().mean()), "train_seconds": seconds,
-                 "images_per_second": steps * batch_size / seconds if seconds else 0.0}
+                 "images_per_second": steps * batch_size / seconds if seconds else 0.0, "train_processes": processes}
         if cuda:
             stats["accelerator_memory_peak_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
         return stats

@@ -11,8 +11,9 @@ node's cache directory, and starts that trainer when none answers:
   trainer refuses one that differs from its own, so a trainer of other code is never used: the
   ClientApp replaces it. A ClientApp that starts a trainer tells its organisation's trainers of
   other code to exit.
-- One organisation. The socket's name holds the organisation and the code hash; the socket is
-  0600 in a 0700 directory of the node's user; the trainer refuses requests for another one.
+- One organisation. The socket's name holds the organisation, the code hash and the node's
+  train-processes setting; the socket is 0600 in a 0700 directory of the node's user; the trainer
+  refuses requests for another organisation.
 - The same computation. The trainer runs client_app's prepare, local_update and measure with
   its `Resident` model and latents where the ClientApp would load them (`FromDisk`). Node setting
   warm-trainer=false runs them in the ClientApp, as every message did before.
@@ -22,6 +23,9 @@ node's cache directory, and starts that trainer when none answers:
 - Memory is given back. One model and one set of latents stay resident; other settings replace
   them. The trainer exits after `warm-trainer-idle` seconds without a message, when the process
   that runs the node's ClientApps exits, or when told to.
+- Every GPU trains. With node setting train-processes (default "auto": one per visible GPU) above 1,
+  the trainer is rank 0 of that many data-parallel training processes, started with it and gone
+  with it (app/parallel.py); a dead one fails the message it was in, and the trainer exits.
 
 The wire: a frame is two 8-byte lengths, a JSON header and an .npz of arrays (read with
 allow_pickle=False: no pickles cross the socket). A request is one frame. The trainer answers
@@ -46,6 +50,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -194,7 +199,9 @@ class Connection:
         self.code = code_hash()
         self.dir = node.cache_dir / "trainers"
         tag = _org_tag(node.org)
-        self.path = self.dir / f"{tag}-{self.code[:16]}.sock"
+        # The setting shapes the trainer's processes at its start: another value is another trainer.
+        self.processes = str(node.train_processes or "auto")
+        self.path = self.dir / f"{tag}-{self.code[:16]}-{self.processes}.sock"
         self.log_path = self.dir / f"{tag}.log"
         # The trainer outlives this process, not the one that runs the node's ClientApps.
         self.watch_pid = watch_pid or os.getppid()
@@ -337,7 +344,8 @@ class Connection:
             # A session of its own: it is nobody's process group, so it outlives this message.
             return subprocess.Popen(
                 [sys.executable, "-m", "app.trainer", "--socket", str(self.path), "--org", self.node.org,
-                 "--idle", repr(self.node.warm_trainer_idle), "--watch-pid", str(self.watch_pid)],
+                 "--idle", repr(self.node.warm_trainer_idle), "--watch-pid", str(self.watch_pid),
+                 "--train-processes", self.processes],
                 cwd=APP_DIR.parent, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
@@ -404,6 +412,9 @@ class Resident:
         self._net = self._data = self.model_key = self.data_key = None
         self.counts = {"requests": 0, "model_loads": 0, "data_loads": 0}
         self.training_started_at: float | None = None
+        self.group = None  # parallel.Group: the other training processes, where there are any
+        self.settings: tuple[dict, dict] = ({}, {})  # the request's run and node config, for the group
+        self.refusal: str | None = None  # why this trainer cannot train (its node setting): every request says so
 
     def net(self, cfg: RunConfig):
         from .client_app import FromDisk
@@ -432,8 +443,15 @@ class Resident:
             self.counts["data_loads"] += 1
         return self._data
 
-    def training_starts(self) -> None:
+    def train(self, net, data, cfg: RunConfig, node: NodeConfig, seed: int, on_step):
+        from .client_app import FromDisk
+
         self.training_started_at = time.time()
+        if self.group is None:
+            return FromDisk.train(net, data, cfg, node, seed, on_step)
+        run_config, node_config = self.settings
+        return self.group.train(net, data, cfg, node, seed, on_step,
+                                {"run_config": run_config, "node_config": node_config, "files": self.data_key[-1]})
 
     def forget(self, model: bool = True, data: bool = True) -> None:
         """Drop what is resident and give its memory back (the accelerator's too)."""
@@ -460,9 +478,11 @@ class _Forward(logging.Handler):
     def __init__(self, conn: socket.socket) -> None:
         super().__init__()
         self.conn: socket.socket | None = conn
+        self.thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.conn is None:
+        # The request's own lines: another thread's frame could land in the middle of one of its own.
+        if self.conn is None or record.thread != self.thread:
             return
         try:
             send(self.conn, {"type": "log", "level": record.levelno, "message": record.getMessage()})
@@ -471,10 +491,16 @@ class _Forward(logging.Handler):
 
 
 def _compute(header: dict, arrays: list[np.ndarray], resident: Resident) -> tuple[dict, list[np.ndarray]]:
-    from . import client_app
+    from . import client_app, model
 
     cfg = RunConfig.from_flower(header["run_config"])
     node = NodeConfig.from_flower(header["node_config"], header["run_config"])
+    resident.settings = (header["run_config"], header["node_config"])
+    if resident.refusal and header["op"] in ("prepare", "fit"):
+        raise ConfigError(resident.refusal)
+    if resident.group and header["op"] in ("prepare", "fit"):
+        # At prepare already: the coordinator then leaves the organisation out with this message.
+        model.batch_part(cfg.batch_size, resident.group.size, 0)
     if header["op"] == "prepare":
         return {"result": client_app.prepare(cfg, node, resident)}, []
     if header["op"] == "fit":
@@ -542,7 +568,7 @@ def _send_quietly(conn: socket.socket, header: dict, arrays=()) -> None:
         log(WARNING, "the ClientApp left before the %s (%s)", header["type"], err)
 
 
-def serve(path: Path, org: str, idle: float, watch_pid: int | None = None) -> int:
+def serve(path: Path, org: str, idle: float, watch_pid: int | None = None, train_processes: int | None = None) -> int:
     os.umask(0o077)
     # Held for life (the OS releases it even on SIGKILL): one trainer per socket.
     lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115
@@ -557,14 +583,22 @@ def serve(path: Path, org: str, idle: float, watch_pid: int | None = None) -> in
     server.listen(16)
     server.settimeout(POLL_SECONDS)
     t0 = time.perf_counter()
-    from . import client_app, model  # noqa: F401 - the imports every message would pay, paid once
+    from . import client_app, model, parallel  # noqa: F401 - the imports every message would pay, paid once
     # Hashed after importing: this is the code that will run.
     code = code_hash()
     log(INFO, "warm trainer of %s: pid %d, code %s from %s, socket %s (imports %.1f s)", org, os.getpid(), code[:16],
         APP_DIR, path, time.perf_counter() - t0)
     resident, last, reason = Resident(), time.monotonic(), "asked to"
     try:
+        try:
+            resident.group = parallel.Group.start(train_processes)
+        except ConfigError as err:
+            log(ERROR, "%s", err)
+            resident.refusal = str(err)
         while True:
+            if resident.group and resident.group.failed:
+                reason = resident.group.failed
+                break
             try:
                 conn, _ = server.accept()
             except TimeoutError:
@@ -583,6 +617,8 @@ def serve(path: Path, org: str, idle: float, watch_pid: int | None = None) -> in
         # Gone from the directory before it closes: nobody connects to a trainer that is leaving.
         path.unlink(missing_ok=True)
         server.close()
+        if resident.group:
+            resident.group.close()
     log(INFO, "warm trainer of %s exits: %s", org, reason)
     return 0
 
@@ -593,8 +629,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--org", required=True)
     parser.add_argument("--idle", type=float, default=NodeConfig.warm_trainer_idle)
     parser.add_argument("--watch-pid", type=int, help="exit when this process does")
+    parser.add_argument("--train-processes", default="auto", help='"auto" (one per GPU) or a number')
     args = parser.parse_args(argv)
-    return serve(args.socket, args.org, args.idle, args.watch_pid)
+    processes = None if args.train_processes == "auto" else int(args.train_processes)  # checked by NodeConfig
+    return serve(args.socket, args.org, args.idle, args.watch_pid, processes)
 
 
 if __name__ == "__main__":

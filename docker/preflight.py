@@ -7,7 +7,8 @@
 Settings come from the environment, the same as docker/supernode.sh's: SUPERLINK_ADDRESS
 (host:port), ORG, NODE_CONFIG_EXTRA (its default-caption is used), NODE_KEY (default
 /run/fedlora/node.key), CA_CERT (default /run/fedlora/ca.pem), DATA_DIR (default /data), and
-FEDLORA_EXPECT_GPU=1 (set by docker/join/compose.gpu.yaml). Exits 1 if any check FAILED.
+FEDLORA_EXPECT_GPU=1 with NODE_GPU, the GPU ids the container was given (both set by
+docker/join/compose.gpu.yaml). Exits 1 if any check FAILED.
 
 The registration check uses Flower's own Fleet client: it sends ActivateNode signed with the node
 key but with a heartbeat interval of 0, which the SuperLink refuses (flwr 1.41, fleet_handlers.py)
@@ -62,15 +63,18 @@ class Settings:
     data_dir: Path
     default_caption: str | None
     expect_gpu: bool
+    gpu_ids: tuple[str, ...] = ()  # NODE_GPU: what the container should see
+    train_processes: object = "auto"  # the node setting, from NODE_CONFIG_EXTRA
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Settings:
         extra = env.get("NODE_CONFIG_EXTRA", "").strip()
-        caption = None
+        node_config = {}
         if extra:
             from flwr.common.config import parse_config_args
 
-            caption = str(parse_config_args([extra]).get("default-caption", "")).strip() or None
+            node_config = parse_config_args([extra])
+        caption = str(node_config.get("default-caption", "")).strip() or None
         return cls(
             address=env.get("SUPERLINK_ADDRESS", "").strip(),
             org=env.get("ORG", "").strip(),
@@ -79,6 +83,8 @@ class Settings:
             data_dir=Path(env.get("DATA_DIR", "/data")),
             default_caption=caption,
             expect_gpu=env.get("FEDLORA_EXPECT_GPU", "") not in ("", "0", "false"),
+            gpu_ids=tuple(i.strip() for i in env.get("NODE_GPU", "").split(",") if i.strip()),
+            train_processes=node_config.get("train-processes", "auto"),
         )
 
     @property
@@ -372,7 +378,22 @@ def check_gpu(s: Settings) -> Result:
         return Result("FAILED", "gpu", f"a GPU was requested but this container sees none (torch.cuda.is_available() "
                                        f"is False, NVIDIA_VISIBLE_DEVICES={visible}): {fix}")
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return Result("ok", "gpu", f"{len(names)} visible: {', '.join(names)} (CUDA {torch.version.cuda})")
+    if s.gpu_ids and len(names) != len(s.gpu_ids):
+        return Result("FAILED", "gpu", f"NODE_GPU={','.join(s.gpu_ids)} names {len(s.gpu_ids)} GPU(s), this container "
+                                       f"sees {len(names)} ({', '.join(names)}): {fix}")
+    try:  # the node's own rule (app/parallel.py), as the data check uses app/data.py
+        from app.config import ConfigError, NodeConfig
+        from app.parallel import processes_for
+
+        node = NodeConfig.from_flower({"data-dir": str(s.data_dir), "org": s.org, "train-processes": s.train_processes})
+        processes = processes_for(node.train_processes)
+    except ImportError as err:
+        return Result("FAILED", "gpu", f"cannot import app.parallel ({err}): run the preflight from the repository "
+                                       "(`make join-check` mounts app/ for it)")
+    except ConfigError as err:
+        return Result("FAILED", "gpu", f"{err} (NODE_CONFIG_EXTRA)")
+    return Result("ok", "gpu", f"{len(names)} visible: {', '.join(names)} (CUDA {torch.version.cuda}); trains on "
+                               f"{processes} process(es), train-processes={s.train_processes}")
 
 
 # ------------------------------------------------------------------------------ main

@@ -20,7 +20,7 @@ from federation import REPO
 SILOS = ("org-1", "org-2", "org-3")
 
 
-def run_compose_config(*files: str, certs: Path | None) -> subprocess.CompletedProcess:
+def run_compose_config(*files: str, certs: Path | None, env: dict | None = None) -> subprocess.CompletedProcess:
     if shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode:
         if os.environ.get("CI"):
             pytest.fail("docker compose is missing in CI: .ci/run provisions it with ../shared/ci/docker-engine.sh")
@@ -28,16 +28,16 @@ def run_compose_config(*files: str, certs: Path | None) -> subprocess.CompletedP
     args = [a for f in files for a in ("-f", f)]
     # The shipped defaults: what .env says, not what this shell (e.g. CI's local images) overrides.
     shipped = {line.split("=", 1)[0] for line in (REPO / ".env").read_text().splitlines() if "=" in line}
-    env = {k: v for k, v in os.environ.items() if k not in shipped} | {"HOST_UID": "1000", "HOST_GID": "1000"}
+    env = {k: v for k, v in os.environ.items() if k not in shipped} | {"HOST_UID": "1000", "HOST_GID": "1000"} | (env or {})
     return subprocess.run(["docker", "compose", *args, "config", "--format", "json"], cwd=REPO,
                           capture_output=True, text=True, env=env | ({"CERTS_DIR": str(certs)} if certs else {}))
 
 
-def compose_config(*files: str) -> dict:
+def compose_config(*files: str, env: dict | None = None) -> dict:
     """The merged configuration, as after `make certs` (Compose reads Grafana's password file)."""
     with tempfile.TemporaryDirectory() as certs:
         (Path(certs) / "grafana.env").write_text("GF_SECURITY_ADMIN_PASSWORD=test\n")
-        result = run_compose_config(*files, certs=Path(certs))
+        result = run_compose_config(*files, certs=Path(certs), env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -106,6 +106,15 @@ def test_gpu_overlay_gives_every_supernode_a_gpu_and_a_cuda_image():
     assert "deploy" not in services["superlink"] and "cuda" not in services["superlink"]["image"]
     dcgm = services["dcgm-exporter"]  # GPU metrics; Prometheus finds it by this name
     assert dcgm["deploy"]["resources"]["reservations"]["devices"][0]["count"] == -1 and not dcgm.get("ports")
+
+
+def test_gpu_overlay_gives_an_organisation_several_gpus():
+    """ORG1_GPU=0,1: Docker's nvidia driver joins device_ids with commas into NVIDIA_VISIBLE_DEVICES, so
+    ["0,1"] is GPUs 0 and 1; NCCL between them needs more /dev/shm than Docker's default 64 MB."""
+    services = compose_config("compose.yaml", "compose.gpu.yaml", env={"ORG1_GPU": "0,1"})["services"]
+    ids = {s: services[s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in SILOS}
+    assert ids == {"org-1": ["0,1"], "org-2": ["1"], "org-3": ["2"]}
+    assert all(int(services[s]["shm_size"]) >= 2**30 for s in SILOS)
 
 
 def test_dockerfile_passes_hadolint():

@@ -42,11 +42,15 @@ def test_node_config_requires_data_dir_and_org():
     node = NodeConfig.from_flower({"data-dir": "/data", "org": "clinic-a", "cache-dir": "/c"})
     assert str(node.data_dir) == "/data" and node.org == "clinic-a" and node.default_caption is None
     assert node.warm_trainer and node.warm_trainer_idle == 1800
+    assert node.train_processes is None  # "auto": one training process per visible GPU
+    assert NodeConfig.from_flower({"data-dir": "/data", "org": "clinic-a", "train-processes": 2}).train_processes == 2
 
 
 @pytest.mark.parametrize("key,value,message", [
     ("warm-trainer", "false", "'warm-trainer' must be true or false"),
     ("warm-trainer-idle", 0, "'warm-trainer-idle' must be a number of seconds > 0"),
+    ("train-processes", 0, "'train-processes' must be \"auto\" \\(one per GPU\\) or a number >= 1"),
+    ("train-processes", "2", "'train-processes' must be"),
 ])
 def test_invalid_node_settings(key, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -101,6 +101,25 @@ def test_data_folder_verdicts(tmp_path):
     assert ok.status == "ok" and "4 captioned images" in ok.detail and "metadata.jsonl" in ok.detail
 
 
+@pytest.mark.parametrize("visible, node_gpu, extra, status, words", [
+    (2, "0,1", "", "ok", "2 visible: GPU 0, GPU 1 (CUDA 13.0); trains on 2 process(es), train-processes=auto"),
+    (2, "0,1", "train-processes=1", "ok", "trains on 1 process(es), train-processes=1"),
+    (1, "0,1", "", "FAILED", "NODE_GPU=0,1 names 2 GPU(s), this container sees 1 (GPU 0)"),
+    (2, "0,1", "train-processes=3", "FAILED", "train-processes=3, but this node sees 2 GPU(s)"),
+])
+def test_gpu_check_counts_the_gpus_the_node_was_given(tmp_path, monkeypatch, visible, node_gpu, extra, status, words):
+    """What a container of the CUDA image would see (torch's view of its GPUs, faked: CI has none)."""
+    import torch
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU {i}")
+    env = {"ORG": "org-x", "NODE_GPU": node_gpu, "NODE_CONFIG_EXTRA": extra, "FEDLORA_EXPECT_GPU": "1"}
+    result = preflight.check_gpu(preflight.Settings.from_env(env))
+    assert result.status == status and words in result.detail, result
+
+
 def test_settings_are_checked_before_dialling(tmp_path):
     results = verdicts(preflight.run_checks(settings(tmp_path, address="fl.example.org", org="Clinic A"), {"data"}))
     assert results["org"][0] == "FAILED" and results["address"][0] == "FAILED"
@@ -120,11 +139,11 @@ def require_compose() -> None:
         pytest.skip("docker compose is not installed")
 
 
-def join_config(*files: str, profile: str | None = None) -> dict:
+def join_config(*files: str, profile: str | None = None, env: dict | None = None) -> dict:
     """`docker compose config` of the join kit with only the required settings given, as shipped."""
     require_compose()
     shipped = {line.split("=", 1)[0] for line in (REPO / ".env").read_text().splitlines() if "=" in line}
-    env = {k: v for k, v in os.environ.items() if k not in shipped} | JOIN_ENV
+    env = {k: v for k, v in os.environ.items() if k not in shipped} | JOIN_ENV | (env or {})
     args = [a for f in files for a in ("-f", f)] + (["--profile", profile] if profile else [])
     result = subprocess.run(["docker", "compose", *args, "config", "--format", "json"], cwd=REPO,
                             capture_output=True, text=True, env=env)
@@ -174,12 +193,22 @@ def test_join_gpu_overlay_gives_the_node_a_gpu_and_the_cuda_image():
     node = services["node"]
     device = node["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["device_ids"] == ["0"]
+    assert node["environment"]["NODE_GPU"] == "0" and int(node["shm_size"]) >= 2**30
     cpu_base = join_config("docker/join/compose.yaml")["services"]["node"]["build"]["args"]["BASE_IMAGE"]
     assert node["image"].endswith("/app-cuda:0.1.0") and node["build"]["args"]["BASE_IMAGE"] == cpu_base
     assert node["build"]["args"]["TORCH_BUILD"] == "cuda" and node["build"]["args"]["TORCH_INDEX_URL"] == ""
     assert node["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
     assert node["environment"]["FEDLORA_EXPECT_GPU"] == "1" and node["environment"]["ORG"] == "clinic-a"
     assert node["read_only"] is True and int(node["mem_limit"]) > 0  # the overlay merges, it does not replace
+
+
+def test_join_gpu_overlay_gives_the_node_and_its_preflight_several_gpus():
+    """Docker's nvidia driver joins device_ids with commas into NVIDIA_VISIBLE_DEVICES: ["0,1"] is two GPUs."""
+    services = join_config("docker/join/compose.yaml", "docker/join/compose.gpu.yaml", profile="preflight",
+                           env={"NODE_GPU": "0,1"})["services"]
+    for name in ("node", "preflight"):
+        assert services[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0,1"], name
+        assert services[name]["environment"]["NODE_GPU"] == "0,1", name  # what the preflight counts
 
 
 # ---------------------------------------------------------------------------------------- a real SuperLink
