@@ -370,17 +370,24 @@ def test_unregistered_supernode_exits_305_and_names_the_fix(link, tmp_path):
 @pytest.mark.federation
 def test_sigterm_reaches_flower_supernode_which_deactivates_at_once(link, tmp_path):
     proc = supernode_sh(link, "org-x", tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
+        # The node's own "SuperNode ID" line, not the SuperLink's "Activated": between the two the
+        # node is still inside Flower's activation, and a signal there leaves it registered as
+        # connected until the heartbeat window ends (Flower's; the next test's node would be refused).
         deadline = time.monotonic() + 60
-        while "Activated node_id" not in link.log():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.5)
+        while not any("SuperNode ID" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out
+    reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(lines)
     assert "Deactivated node_id" in link.log()
 
 
