@@ -69,8 +69,8 @@ class RoundStrategy(Strategy):
     def wire(self):
         return ndarrays_to_parameters(wire.pack(self.global_arrays))
 
-    def unwire(self, parameters) -> list[np.ndarray]:
-        return wire.unpack(parameters_to_ndarrays(parameters), [g.shape for g in self.global_arrays])
+    def unwire(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return wire.unpack(arrays, [g.shape for g in self.global_arrays])
 
     def configure_fit(self, server_round, parameters, client_manager):
         self.fit = None
@@ -101,7 +101,7 @@ class RoundStrategy(Strategy):
                 parameters_to_ndarrays(results[0][1].parameters), len(results),
                 clipping_range=adam_update_bound(self.cfg.learning_rate, self.cfg.local_steps), max_images=self.cfg.max_images_per_node,
                 round_timeout=self.cfg.round_timeout)
-            update = wire.unpack(update, [g.shape for g in self.global_arrays]) if update else []
+            update = self.unwire(update)
             by_org = None
             if federated["nonfinite_losses"]:
                 log(ERROR, "round %d: %d non-finite loss(es) among the nodes' figures", server_round,
@@ -111,7 +111,7 @@ class RoundStrategy(Strategy):
             total = sum(res.num_examples for _, res in results)
             update = [np.zeros(g.shape, np.float64) for g in self.global_arrays]
             for _, res in results:
-                for acc, arr in zip(update, self.unwire(res.parameters)):
+                for acc, arr in zip(update, self.unwire(parameters_to_ndarrays(res.parameters))):
                     acc += arr.astype(np.float64) * (res.num_examples / total)
             federated = reporting.shared_figures(by_org)
         heldout = reporting.shared_heldout(by_org) if by_org else reporting.private_heldout(federated, list(by_proxy))
