@@ -48,20 +48,25 @@ class NonFiniteLoss(FloatingPointError):
         self.loss = loss
 
 
+def device() -> torch.device:
+    """Where the model trains and its data stays: the (current) GPU where there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype | None]:
     """The device and the autocast dtype (None: full fp32).
 
     Never fp16: it would need loss scaling (config.py refuses it). A GPU without bf16 gets fp32."""
-    if not torch.cuda.is_available():
+    where = device()
+    if where.type == "cpu":
         if mixed_precision == "bf16":
             log(WARNING, "mixed-precision=%s asked for but no CUDA device: training in fp32 on CPU", mixed_precision)
-        return torch.device("cpu"), None
-    device = torch.device("cuda")
+        return where, None
     # Native bf16 only (Ampere or newer): torch's default also counts slow pre-Ampere emulation.
     native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     if mixed_precision == "no" or (mixed_precision == "auto" and not native_bf16):
-        return device, None
-    return device, torch.bfloat16
+        return where, None
+    return where, torch.bfloat16
 
 
 def batch_part(batch_size: int, processes: int, rank: int) -> slice:

@@ -435,11 +435,10 @@ class Resident:
                fingerprint(discover(node.data_dir, node.default_caption)))
         if key != self.data_key:
             self._data = self.data_key = None
-            import torch
+            from . import model
 
-            # On the accelerator once, not at every message (the model's device: model.device_and_dtype).
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            self._data, self.data_key = FromDisk.data(cfg, node).to(device), key
+            # On the accelerator once, not at every message.
+            self._data, self.data_key = FromDisk.data(cfg, node).to(model.device()), key
             self.counts["data_loads"] += 1
         return self._data
 

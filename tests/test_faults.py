@@ -142,6 +142,16 @@ class Story:
         """Return once `node` is in round `rnd`'s fit stage (it has just received the message it trains on)."""
         wait_for(lambda: node.messages(run["id"], rnd) >= FIT_STAGE, f"round {rnd}'s fit stage", timeout, every=0.2)
 
+    def make_run_into_round(self, rnd: int) -> dict:
+        """`make run`, returned once org-1 is in round `rnd`'s fit stage."""
+        org1 = self.logs("org-1")
+        run = self.make_run()
+        try:
+            self.mid_round(org1, run, rnd)
+        finally:
+            org1.close()
+        return run
+
     def container(self, service: str) -> str:
         container = compose(self.stack, "ps", "-q", service).stdout.strip()
         assert container, f"{service} is not running"
@@ -235,12 +245,7 @@ def test_superlink_down_past_the_heartbeat_window_fails_the_run_and_nothing_comp
     # The documented recovery: `make up` starts what is down, then the same `make run` resumes.
     up = subprocess.run(["make", "up"], cwd=REPO, env=story.stack["env"], capture_output=True, text=True, timeout=600)
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-    org1 = story.logs("org-1")
-    run = story.make_run()
-    try:
-        story.mid_round(org1, run, 3)
-    finally:
-        org1.close()
+    run = story.make_run_into_round(3)
     stopped = time.monotonic()
     assert compose(story.stack, "stop", "superlink").returncode == 0
     time.sleep(max(0.0, HEARTBEAT_WINDOW + 15 - (time.monotonic() - stopped)))
@@ -262,12 +267,7 @@ def test_superlink_down_past_the_heartbeat_window_fails_the_run_and_nothing_comp
 
 
 def test_superlink_restart_mid_round_and_resume_complete_the_run(story):
-    org1 = story.logs("org-1")
-    run = story.make_run()
-    try:
-        story.mid_round(org1, run, 3)
-    finally:
-        org1.close()
+    run = story.make_run_into_round(3)
     restarted = time.monotonic()
     assert compose(story.stack, "restart", "superlink").returncode == 0
     story.figures["superlink restart took (s)"] = time.monotonic() - restarted

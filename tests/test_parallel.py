@@ -20,6 +20,7 @@ import pytest
 
 from app import client_app, trainer
 from app.config import ConfigError, NodeConfig
+from test_warm import long_fit as warm_long_fit
 from test_warm import Node, largest_difference, one_thread, stop_trainers  # noqa: F401 - one_thread: autouse
 
 PROCESSES = 2
@@ -112,23 +113,10 @@ def test_a_batch_the_processes_cannot_share_is_refused_by_name(tiny_model, demo_
 
 
 def long_fit(n: Node) -> tuple[trainer.Connection, dict, threading.Thread]:
-    """A fit of many steps in a thread, returned once every process is training."""
-    conn, outcome = n.warm(), {}
-
-    def fit():
-        try:
-            outcome["result"] = conn.fit(n.cfg, n.initial_adapter(), 1)
-        except Exception as err:  # noqa: BLE001 - the test inspects it
-            outcome["error"] = err
-
-    thread = threading.Thread(target=fit)
-    thread.start()
-    deadline = time.monotonic() + 300
-    while "training 2000 steps" not in (conn.log_path.read_text() if conn.log_path.exists() else ""):
-        assert thread.is_alive() and time.monotonic() < deadline, outcome
-        time.sleep(0.1)
+    """test_warm's long fit, returned once every process is well into its steps."""
+    started = warm_long_fit(n)
     time.sleep(2)  # into the steps, where the processes wait on each other
-    return conn, outcome, thread
+    return started
 
 
 def test_training_processes_do_not_outlive_their_trainer(tiny_model, demo_data, own_cache):

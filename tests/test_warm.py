@@ -85,6 +85,26 @@ def largest_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(a, b))
 
 
+def long_fit(n: Node, deadline_s: float = 300) -> tuple[trainer.Connection, dict, threading.Thread]:
+    """A fit of `local-steps` 2000 in a thread, returned once the trainer is training; `outcome`
+    gets its result or its error."""
+    conn, outcome = n.warm(), {}
+
+    def fit():
+        try:
+            outcome["result"] = conn.fit(n.cfg, n.initial_adapter(), 1)
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    deadline = time.monotonic() + deadline_s
+    while "training 2000 steps" not in (conn.log_path.read_text() if conn.log_path.exists() else ""):
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.1)
+    return conn, outcome, thread
+
+
 def test_warm_trainer_computes_what_the_clientapp_computes(tiny_model, demo_data, cache):
     """Two rounds: in round 2 the trainer's resident model has already trained once, the in-process
     path loads a fresh one; both must start from the global adapter they are sent."""
@@ -187,21 +207,7 @@ def test_a_trainer_of_other_code_never_trains_for_the_run(tiny_model, demo_data,
 
 
 def test_a_killed_trainer_fails_its_message_and_the_next_one_starts_fresh(tiny_model, demo_data, own_cache):
-    long = Node(tiny_model, demo_data, own_cache, **{"local-steps": 2000})
-    conn, outcome = long.warm(), {}
-
-    def fit():
-        try:
-            outcome["result"] = conn.fit(long.cfg, long.initial_adapter(), 1)
-        except Exception as err:  # noqa: BLE001 - the test inspects it
-            outcome["error"] = err
-
-    worker = threading.Thread(target=fit)
-    worker.start()
-    deadline = time.monotonic() + 120
-    while "training 2000 steps" not in (conn.log_path.read_text() if conn.log_path.exists() else ""):
-        assert worker.is_alive() and time.monotonic() < deadline, outcome
-        time.sleep(0.1)
+    conn, outcome, worker = long_fit(Node(tiny_model, demo_data, own_cache, **{"local-steps": 2000}), 120)
     killed = conn.pid
     os.kill(killed, signal.SIGKILL)
     worker.join(timeout=60)
