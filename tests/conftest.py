@@ -62,3 +62,15 @@ def tiny_run_config(tiny_model: Path, output_dir: Path, **overrides) -> dict:
         "output-dir": str(output_dir), "sample-steps": 2, "node-wait-timeout": 120, "round-timeout": 300,
         **overrides,
     }
+
+
+@pytest.fixture(scope="session")
+def stack():
+    """The one Compose stack that the Docker test modules share (`make certs up`, tests/stack.py),
+    started once per session: the stack tests, isolation, gateway, alerts. A module that breaks the
+    stack on purpose (tests/test_faults.py) brings up its own. The joining organisation's
+    containers reach the gateway through this host, as from afar."""
+    from stack import JOIN_HOST, compose_stack
+
+    with compose_stack("fedlora-e2e", SUPERLINK_BIND="0.0.0.0", SANS=JOIN_HOST) as s:
+        yield s

@@ -24,6 +24,10 @@ from conftest import ORGS
 from federation import BIN, REPO, free_port, offline_env
 
 
+# How a container on another Docker network (a joining organisation) names this host.
+JOIN_HOST = "host.docker.internal"
+
+
 def docker_ready() -> bool:
     return shutil.which("docker") is not None and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
 

@@ -24,19 +24,10 @@ import pytest
 from app.offline import write_demo_data
 from conftest import ORGS
 from federation import BIN, REPO, kv
-from stack import compose, compose_stack, flwr
+from stack import JOIN_HOST, compose, flwr
 
 pytestmark = pytest.mark.docker
 ROUNDS, STEPS = 2, 8
-# How a container on another Docker network (the joining organisation) names this host.
-JOIN_HOST = "host.docker.internal"
-
-
-@pytest.fixture(scope="module")
-def stack():
-    # The joining organisation's containers reach the gateway through this host, as from afar.
-    with compose_stack("fedlora-e2e", SUPERLINK_BIND="0.0.0.0", SANS=JOIN_HOST) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
