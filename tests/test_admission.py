@@ -4,7 +4,6 @@ failure tells a node that went away from one that is still encoding its images."
 from __future__ import annotations
 
 import re
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +18,23 @@ from app.admission import Admission, RunFailed
 from app.config import RunConfig
 from conftest import with_defaults
 from test_private_metrics import _server_identity  # noqa: F401 (autouse: lets the test build replies)
+
+
+class Clock:
+    """Admission's clock in these tests: time passes only when admission or a grid sleeps, so every
+    bound below is exact whatever the machine's load (a real clock on a busy CI machine is not)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+CLOCK = Clock()
 
 
 class PrepareGrid:
@@ -44,7 +60,7 @@ class PrepareGrid:
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id
-            self.sent[msg.metadata.message_id] = (msg, time.monotonic())
+            self.sent[msg.metadata.message_id] = (msg, CLOCK.monotonic())
             ids.append(msg.metadata.message_id)
             if msg.metadata.dst_node_id in self.leave:
                 self.online.discard(msg.metadata.dst_node_id)
@@ -57,7 +73,7 @@ class PrepareGrid:
             nid = msg.metadata.dst_node_id
             if mid in self.pulled or nid not in self.online or nid not in self.delay:
                 continue
-            if time.monotonic() - sent >= self.delay[nid]:
+            if CLOCK.monotonic() - sent >= self.delay[nid]:
                 self.pulled.add(mid)
                 if nid in self.fail:  # what a SuperNode sends back when the ClientApp raises
                     replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=self.fail[nid]),
@@ -69,12 +85,12 @@ class PrepareGrid:
         return replies
 
     def send_and_receive(self, messages, *, timeout=None):  # Flower's: push, then pull until timeout
-        ids, end, out = list(self.push_messages(messages)), time.monotonic() + timeout, []
-        while ids and time.monotonic() < end:
+        ids, end, out = list(self.push_messages(messages)), CLOCK.monotonic() + timeout, []
+        while ids and CLOCK.monotonic() < end:
             got = self.pull_messages(ids)
             out += got
             ids = [i for i in ids if i not in {m.metadata.reply_to_message_id for m in got}]
-            time.sleep(0.01)
+            CLOCK.sleep(0.01)
         return out
 
 
@@ -84,6 +100,7 @@ ORGS = {1: "org-1", 2: "org-2", 3: "org-3"}
 @pytest.fixture(autouse=True)
 def _fast_polls(monkeypatch):
     monkeypatch.setattr(admission, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(admission, "time", CLOCK)  # app/admission.py reads only monotonic() and sleep()
 
 
 def _admission(grid, **settings) -> Admission:
@@ -99,11 +116,11 @@ def test_preparing_is_bounded_by_prepare_timeout_not_node_wait_timeout():
 
 def test_a_node_that_went_away_and_a_node_still_encoding_are_told_apart():
     grid = PrepareGrid(ORGS, delay={1: 0.0}, leave=(3,))  # org-2 never answers in time; org-3 leaves
-    t0 = time.monotonic()
+    t0 = CLOCK.monotonic()
     with pytest.raises(RunFailed) as err:
         _admission(grid, **{"node-wait-timeout": 0.2, "prepare-timeout": 0.5}).participants(1)
     message = str(err.value)
-    assert time.monotonic() - t0 >= 0.5  # waited for org-2's preparation, not only node-wait-timeout
+    assert CLOCK.monotonic() - t0 >= 0.5  # waited for org-2's preparation, not only node-wait-timeout
     assert re.match(r"round 1: 1 of min-nodes=3 nodes ready after \d+ s \(ready: \['org-1'\]\)", message), message
     assert "org-2: online, but no answer to prepare within prepare-timeout=0.5 s" in message
     assert "still encoding its images" in message and "raise prepare-timeout" in message
@@ -117,10 +134,10 @@ def test_a_node_joining_mid_run_does_not_hold_up_the_ready_ones():
     grid.orgs[4] = "org-4"
     grid.online.add(4)
     grid.delay[4] = 0.3  # a first-time encoding
-    t0 = time.monotonic()
+    t0 = CLOCK.monotonic()
     assert sorted(p.node_id for p in adm.participants(2)) == [1, 2, 3]
-    assert time.monotonic() - t0 < 0.2
-    time.sleep(0.35)
+    assert CLOCK.monotonic() - t0 < 0.2
+    CLOCK.sleep(0.35)
     assert sorted(p.node_id for p in adm.participants(3)) == [1, 2, 3, 4]
     assert adm.counts[4] == 10
 
@@ -128,10 +145,10 @@ def test_a_node_joining_mid_run_does_not_hold_up_the_ready_ones():
 def test_a_node_whose_preparation_fails_is_named_and_does_not_hold_the_run():
     # It is asked again on every poll, and each answer takes a few polls to come.
     grid = PrepareGrid(ORGS, delay={1: 0.0, 2: 0.0, 3: 0.05}, fail={3: "DataError: /data holds 0 usable image(s)"})
-    t0 = time.monotonic()
+    t0 = CLOCK.monotonic()
     with pytest.raises(RunFailed, match=r"2 of min-nodes=3 .*org-3: DataError: /data holds 0 usable image"):
         _admission(grid, **{"node-wait-timeout": 0.3, "prepare-timeout": 60}).participants(1)
-    assert time.monotonic() - t0 < 5  # node-wait-timeout, not prepare-timeout: it answered, with an error
+    assert CLOCK.monotonic() - t0 < 5  # node-wait-timeout, not prepare-timeout: it answered, with an error
     # With min-nodes met, the run goes on without it.
     assert sorted(p.node_id for p in _admission(PrepareGrid(ORGS, delay={1: 0.0, 2: 0.0, 3: 0.05}, fail={3: "x"}),
                                                    **{"min-nodes": 2, "prepare-timeout": 60}).participants(1)) == [1, 2]
