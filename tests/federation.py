@@ -18,6 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# Flower's CLIs refuse port 0: a test picks a free port, and starts again on another where the
+# process lost it to someone else in between (uvicorn: "[Errno 98] ... address already in use").
+PORT_IN_USE, PORT_TRIES = "address already in use", 5
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,23 +89,35 @@ class LocalFederation:
         self.procs[name] = proc
         return proc
 
-    def start_superlink(self) -> None:
-        self._spawn("superlink", [
-            str(BIN / "flower-superlink"), "--port", str(self.port),
-            "--ssl-ca-certfile", str(self.certs / "ca.pem"), "--ssl-certfile", str(self.certs / "server.pem"),
-            "--ssl-keyfile", str(self.certs / "server.key"), "--database", str(self.workdir / "state.db"),
-            "--disable-runtime-dependency-installation", "--enable-supernode-auth",
-        ])
-        deadline = time.monotonic() + 60
+    def _listening(self, name: str, port: int, timeout: float = 60) -> bool:
+        """Wait until process `name` serves on `port`: False if it exited because the port was taken
+        meanwhile. Read from its log (uvicorn's line), not by connecting: whoever took the port
+        would accept the connection too."""
+        serving = re.compile(rf"Uvicorn running on https?://\S+:{port}\b")
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            log = self.log(name)
+            if serving.search(log):
+                return True
+            if self.procs[name].poll() is not None:
+                if PORT_IN_USE in log:
+                    return False
+                raise RuntimeError(f"{name} exited:\n{log}")
+            time.sleep(0.3)
+        raise RuntimeError(f"{name} did not open port {port}:\n{self.log(name)}")
+
+    def start_superlink(self) -> None:
+        for _ in range(PORT_TRIES):
+            self._spawn("superlink", [
+                str(BIN / "flower-superlink"), "--port", str(self.port),
+                "--ssl-ca-certfile", str(self.certs / "ca.pem"), "--ssl-certfile", str(self.certs / "server.pem"),
+                "--ssl-keyfile", str(self.certs / "server.key"), "--database", str(self.workdir / "state.db"),
+                "--disable-runtime-dependency-installation", "--enable-supernode-auth",
+            ])
+            if self._listening("superlink", self.port):
                 return
-            except OSError:
-                if self.procs["superlink"].poll() is not None:
-                    raise RuntimeError(f"SuperLink exited:\n{self.log('superlink')}") from None
-                time.sleep(0.3)
-        raise RuntimeError(f"SuperLink did not open port {self.port}:\n{self.log('superlink')}")
+            self.port = free_port()
+        raise RuntimeError(f"no free port for the SuperLink after {PORT_TRIES} tries")
 
     def key(self, name: str) -> Path:
         path = self.workdir / "keys" / f"{name}.key"
@@ -123,12 +140,22 @@ class LocalFederation:
             org = register_as or self.nodes[name]["org"]
             ensured = self.orgs("ensure", org, str(key.with_suffix(".pub")))
             assert ensured.returncode == 0, ensured.stdout + ensured.stderr
-        return self._spawn(name, [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-            "--root-certificates", str(root_certificates or self.certs / "ca.pem"),
-            "--auth-supernode-private-key", str(key),
-            "--port", str(free_port()), "--node-config", kv(self.nodes[name]), "--max-retries", "3",
-        ], env=self.node_env)
+        for _ in range(PORT_TRIES):
+            port = free_port()
+            proc = self._spawn(name, [
+                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                "--root-certificates", str(root_certificates or self.certs / "ca.pem"),
+                "--auth-supernode-private-key", str(key),
+                "--port", str(port), "--node-config", kv(self.nodes[name]), "--max-retries", "3",
+            ], env=self.node_env)
+            # Its own API opens before it contacts the SuperLink: a node that is refused later still
+            # opens it first.
+            try:
+                if self._listening(name, port):
+                    return proc
+            except RuntimeError:
+                return proc  # exited for another reason (a refused node): the test reads its log
+        raise RuntimeError(f"no free port for SuperNode {name} after {PORT_TRIES} tries")
 
     def __enter__(self) -> LocalFederation:
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -360,3 +360,21 @@ def test_only_registered_organisations_take_part_under_their_registered_names(fe
         twin_id = next(line.split()[1] for line in fed.orgs("list").stdout.splitlines()
                        if line.startswith("org-3 ") and "offline" in line)
         fed.flwr("supernode", "unregister", twin_id, "local")
+
+
+def test_a_superlink_that_loses_its_port_starts_on_another(tls, tmp_path, monkeypatch):
+    """free_port() only guesses (Flower's CLIs refuse port 0): a start that finds the port taken is
+    retried on another port instead of failing the module."""
+    import socket
+
+    import federation
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real = federation.free_port
+    monkeypatch.setattr(federation, "free_port", lambda: next(ports, None) or real())
+    with taken, LocalFederation(tmp_path, tls, {}) as fresh:
+        assert fresh.port != taken.getsockname()[1]
+        assert json.loads(fresh.flwr("ls", "local", "--format", "json").stdout)["runs"] == []
