@@ -10,6 +10,7 @@ gets its own free ports. Images build from $BASE_IMAGE (CI: the local Debian sta
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,9 +22,11 @@ import pytest
 
 from app.offline import write_demo_data, write_tiny_model
 from conftest import ORGS
-from federation import BIN, REPO, free_port, offline_env
+from federation import BIN, PORT_TRIES, REPO, free_port, offline_env
 
 
+# Docker's words when a published port is taken.
+PORT_TAKEN = re.compile(r"port is already allocated|address already in use")
 # How a container on another Docker network (a joining organisation) names this host.
 JOIN_HOST = "host.docker.internal"
 
@@ -55,9 +58,18 @@ def compose_stack(project: str, images_per_org: int | list[int] = 16, **env_over
         (root / d).mkdir()
     os.chmod(root / "outputs", 0o755)
     try:
-        for target in ("certs", "up"):
-            result = subprocess.run(["make", target], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-            assert result.returncode == 0, f"make {target}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        result = subprocess.run(["make", "certs"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+        assert result.returncode == 0, f"make certs:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        for _ in range(PORT_TRIES):
+            result = subprocess.run(["make", "up"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+            if result.returncode == 0 or not PORT_TAKEN.search(result.stdout + result.stderr):
+                break
+            # free_port() only guesses: someone took a port between it and Docker's bind. Start
+            # again on other ports (the certificates stay; the state is new).
+            subprocess.run(["docker", "compose", "down", "--volumes", "--remove-orphans"], cwd=REPO, env=env,
+                           capture_output=True, timeout=300)
+            env.update({k: str(free_port()) for k in ("SUPERLINK_PORT", "CONTROL_PORT", "PROMETHEUS_PORT")})
+        assert result.returncode == 0, f"make up:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         yield {"root": root, "env": env, "port": int(env["SUPERLINK_PORT"]), "control": int(env["CONTROL_PORT"]),
                "prometheus": f"http://127.0.0.1:{env['PROMETHEUS_PORT']}"}
     finally:
