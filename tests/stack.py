@@ -78,7 +78,8 @@ def compose_stack(project: str, images_per_org: int | list[int] = 16, **env_over
         print(logs.stdout[-20000:])
         subprocess.run(["docker", "compose", "down", "--volumes", "--remove-orphans"], cwd=REPO, env=env,
                        capture_output=True, timeout=300)
-        subprocess.run(["docker", "run", "--rm", "-v", f"{root}:/r", "--entrypoint", "rm", "fedlora/superlink:0.1.0",
+        subprocess.run(["docker", "run", "--rm", "-v", f"{root}:/r", "--entrypoint", "rm",
+                        f"{env.get('IMAGE_PREFIX', 'fedlora')}/superlink:{env.get('IMAGE_TAG', '0.1.0')}",
                         "-rf", "/r/outputs"], capture_output=True)  # written by the container's user
         shutil.rmtree(root, ignore_errors=True)
 
