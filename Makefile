@@ -56,7 +56,7 @@ SIM_NODES ?= 3
 SIM_RUN_CONFIG ?= base-model="$(CURDIR)/models/tiny-sd" sim-data-dir="$(CURDIR)/data" \
 	output-dir="$(CURDIR)/outputs/simulation" $(DEMO_SETTINGS)
 
-.PHONY: help install test test-fast bench bench-train compare tiny-model demo-data partition clean-venv certs check-certs build outputs \
+.PHONY: help install test test-fast bench bench-train compare tiny-model demo-data partition clean-venv certs rotate-certs check-certs build outputs \
 	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs \
 	simulation-config simulate
 
@@ -131,6 +131,13 @@ certs: ## Create/renew the CA, the SuperLink certificate, the SuperExec secret (
 	$(CERTS_TOOL) -v "$(abspath $(CERTS_DIR)):/certs" $(IMAGE_PREFIX)/superlink:$(IMAGE_TAG) \
 		/tool/certs.py generate --dir /certs
 	@for org in $(DEMO_ORGS); do $(MAKE) --no-print-directory org-key ORG=$$org >/dev/null || exit 1; done
+
+# The SuperLink and the gateway load server.pem when they start (docker/entrypoint.sh copies the
+# secrets then): a renewed certificate is served only after both restart. Nodes reconnect by
+# themselves (a SuperLink restart with --database keeps their registrations and runs).
+rotate-certs: certs ## Renew the server certificate (as `make certs`) and restart the SuperLink and the gateway to serve it
+	$(COMPOSE) restart superlink gateway
+	$(COMPOSE) up -d --wait --no-deps --no-recreate superlink gateway
 
 check-certs:
 	@$(CERTS_TOOL) -v "$(abspath $(CERTS_DIR)):/certs:ro" $(IMAGE_PREFIX)/superlink:$(IMAGE_TAG) \

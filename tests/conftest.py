@@ -72,5 +72,7 @@ def stack():
     containers reach the gateway through this host, as from afar."""
     from stack import JOIN_HOST, compose_stack
 
-    with compose_stack("fedlora-e2e", SUPERLINK_BIND="0.0.0.0", SANS=JOIN_HOST) as s:
+    # Compose project names: FEDLORA_TEST_PROJECT_PREFIX keeps several checkouts' stacks apart on one engine.
+    prefix = os.environ.get("FEDLORA_TEST_PROJECT_PREFIX", "fedlora")
+    with compose_stack(f"{prefix}-e2e", SUPERLINK_BIND="0.0.0.0", SANS=JOIN_HOST) as s:
         yield s
