@@ -169,7 +169,9 @@ endef
 up: build check-certs outputs $(FLWR_CLI) ## Start the federation on this host (CPU), wait until healthy, add the `remote-federation` connection
 	$(call start_stack,$(COMPOSE))
 
-up-gpu: check-certs outputs $(FLWR_CLI) ## Same on a GPU host: CUDA images, one GPU per SuperNode (NVIDIA Container Toolkit)
+ALLOW_SHARED_GPUS ?= $(shell sed -n 's/^ALLOW_SHARED_GPUS=//p' .env)
+up-gpu: check-certs outputs $(FLWR_CLI) ## Same on a GPU host: CUDA images, each organisation on its own GPUs (.env; NVIDIA Container Toolkit)
+	@set -o pipefail; $(COMPOSE_GPU) config --format json | ALLOW_SHARED_GPUS=$(ALLOW_SHARED_GPUS) python3 docker/gpu_plan.py
 	$(COMPOSE_GPU) build superlink serverapp
 	$(call start_stack,$(COMPOSE_GPU))
 

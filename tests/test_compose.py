@@ -108,13 +108,46 @@ def test_gpu_overlay_gives_every_supernode_a_gpu_and_a_cuda_image():
     assert dcgm["deploy"]["resources"]["reservations"]["devices"][0]["count"] == -1 and not dcgm.get("ports")
 
 
+def gpu_plan(config: dict, **env: str) -> subprocess.CompletedProcess:
+    """docker/gpu_plan.py, as `make up-gpu` runs it on the merged configuration."""
+    return subprocess.run([sys.executable, str(REPO / "docker" / "gpu_plan.py")], input=json.dumps(config),
+                          capture_output=True, text=True, env=os.environ | {"ALLOW_SHARED_GPUS": "0"} | env)
+
+
+def gpu_ids(services: dict) -> dict[str, list[str]]:
+    return {s: services[s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in (*SILOS, "serverapp")}
+
+
+def test_gpu_placement_by_default_is_what_env_states():
+    """Each organisation on its own GPU; the ServerApp on GPU 0, shared with org-1, as .env says."""
+    config = compose_config("compose.yaml", "compose.gpu.yaml")
+    assert gpu_ids(config["services"]) == {"org-1": ["0"], "org-2": ["1"], "org-3": ["2"], "serverapp": ["0"]}
+    env = (REPO / ".env").read_text()
+    assert "SERVERAPP_GPU=0\n" in env and "shares\n# with org-1" in env and "ALLOW_SHARED_GPUS=0\n" in env
+    plan = gpu_plan(config)
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.splitlines() == ["GPU 0: org-1, serverapp", "GPU 1: org-2", "GPU 2: org-3"]
+
+
+def test_two_organisations_on_one_gpu_are_refused_unless_the_operator_allows_it():
+    """ORG1_GPU=0,1 alone would leave org-2 on GPU 1 too: refused, saying how to move the others."""
+    shared = compose_config("compose.yaml", "compose.gpu.yaml", env={"ORG1_GPU": "0,1"})
+    refused = gpu_plan(shared)
+    assert refused.returncode == 1
+    assert "GPU 1 is given to org-1 and org-2" in refused.stderr and "ORG2_GPU=2 ORG3_GPU=3" in refused.stderr
+    assert gpu_plan(shared, ALLOW_SHARED_GPUS="1").returncode == 0
+
+
 def test_gpu_overlay_gives_an_organisation_several_gpus():
-    """ORG1_GPU=0,1: Docker's nvidia driver joins device_ids with commas into NVIDIA_VISIBLE_DEVICES, so
-    ["0,1"] is GPUs 0 and 1; NCCL between them needs more /dev/shm than Docker's default 64 MB."""
-    services = compose_config("compose.yaml", "compose.gpu.yaml", env={"ORG1_GPU": "0,1"})["services"]
-    ids = {s: services[s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in SILOS}
-    assert ids == {"org-1": ["0,1"], "org-2": ["1"], "org-3": ["2"]}
+    """ORG1_GPU=0,1 with the others moved: Docker's nvidia driver joins device_ids with commas into
+    NVIDIA_VISIBLE_DEVICES, so ["0,1"] is GPUs 0 and 1; NCCL between them needs more /dev/shm than
+    Docker's default 64 MB."""
+    config = compose_config("compose.yaml", "compose.gpu.yaml", env={"ORG1_GPU": "0,1", "ORG2_GPU": "2", "ORG3_GPU": "3"})
+    services = config["services"]
+    assert gpu_ids(services) == {"org-1": ["0,1"], "org-2": ["2"], "org-3": ["3"], "serverapp": ["0"]}
     assert all(int(services[s]["shm_size"]) >= 2**30 for s in SILOS)
+    plan = gpu_plan(config)
+    assert plan.returncode == 0 and "GPU 1: org-1" in plan.stdout, plan.stdout + plan.stderr
 
 
 def test_dockerfile_passes_hadolint():
