@@ -11,7 +11,9 @@ where the previous one left off, as an operator would):
             round 3 the SuperLink is stopped for longer than Flower's heartbeat window.
     run 3   the same command again; in round 3 the SuperLink is restarted briefly; round 4; done.
 
-Every completed round's checkpoint stays byte-identical through all of it, and the rounds run
+Every completed round's checkpoint stays byte-identical through all of it (adapter, samples and
+record), except that round 2's metrics.json gains the held-out loss of its adapter, which round 3's
+nodes measure (assert_checkpoints_untouched), and the rounds run
 after the faults equal what an uninterrupted run computes from the same checkpoint (each
 organisation's update is recomputed outside Flower: training is deterministic given its inputs).
 """
@@ -26,6 +28,7 @@ import time
 
 import numpy as np
 import pytest
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from app.config import NodeConfig, RunConfig
 from app.outputs import ADAPTER_FILE, read_adapter
@@ -41,8 +44,9 @@ CONFIG = {"base-model": "/models/tiny-sd", "resolution": 32, "num-server-rounds"
 # A SecAgg+ round sends each node four messages: setup, key shares, then the masked update (the
 # node trains on this one), then unmasking. The third is the fit stage.
 FIT_STAGE = 3
-# Flower marks a silent SuperNode offline, and a silent ServerApp's run failed, after 2 x 30 s.
-HEARTBEAT_WINDOW = 60
+# Flower marks a silent SuperNode offline, and a silent ServerApp's run failed, after
+# HEARTBEAT_PATIENCE missed heartbeats of HEARTBEAT_DEFAULT_INTERVAL (2 x 30 s in Flower 1.41).
+HEARTBEAT_WINDOW = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
 # What a fault may add on top of a normal round on this 2-core machine (README: Reliability).
 KILLED_NODE_BOUND = HEARTBEAT_WINDOW + 60
 # What measuring an adapter later adds to its round's record (app/reporting.py: shared_heldout).
