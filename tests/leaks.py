@@ -18,15 +18,16 @@ NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 ALLOWED_ON_AN_ORG_LINE = [re.compile(p) for p in (r"\[ROUND \d+/\d+\]", r"answered in \d+(?:\.\d+)? s")]
 
 
-def _walk(obj, path=()):
-    """(path, value) for every number in obj: dict values, list items, and numbers written in strings."""
+def _walk(obj, path=(), in_text=False):
+    """(path, value, in_text) for every number in obj: dict values, list items, and numbers written
+    in strings (in_text: those can also be pieces of a hash or a name, e.g. a fingerprint "3f0a...")."""
     if isinstance(obj, bool):
         return
     if isinstance(obj, (int, float)):
-        yield path, obj
+        yield path, obj, in_text
     elif isinstance(obj, str):
         for m in NUMBER.finditer(obj):
-            yield path, float(m.group()) if re.search(r"[.eE]", m.group()) else int(m.group())
+            yield path, float(m.group()) if re.search(r"[.eE]", m.group()) else int(m.group()), True
     elif isinstance(obj, dict):
         for k, v in obj.items():
             yield from _walk(v, (*path, str(k)))
@@ -48,9 +49,9 @@ def _same(shown: float | int, figure: float, text: str | None = None) -> bool:
 def record_leaks(record, figures: dict[str, dict[str, float]]) -> list[str]:
     """Where `record` (a dict of dicts, lists, strings and numbers) holds an organisation's figure."""
     found = []
-    for path, value in _walk(record):
+    for path, value, in_text in _walk(record):
         for org, own in figures.items():
-            if org in path:
+            if org in path and not in_text:
                 found.append(f"{'.'.join(path)} = {value}: a number filed under {org}")
             for name, figure in own.items():
                 if isinstance(figure, float) and not figure.is_integer() and _same(value, figure):
@@ -61,9 +62,13 @@ def record_leaks(record, figures: dict[str, dict[str, float]]) -> list[str]:
 def log_leaks(log: str, figures: dict[str, dict[str, float]]) -> list[str]:
     """Lines of `log` that tie a number to an organisation, or show an organisation's float figure."""
     found = []
+    name = "|".join(re.escape(org) for org in sorted(figures, key=len, reverse=True))
+    # Two or more organisations in a list is participation ("over org-1, org-2", "(org-1, org-2)"),
+    # which the coordinator knows in any mode; one organisation alone beside a figure is not.
+    participation = re.compile(rf"(?<![\w-])(?:{name})(?:,\s*(?:{name}))+(?![\w-])") if figures else None
     for line in ANSI.sub("", log).splitlines():
-        named = [org for org in figures if re.search(rf"(?<![\w-]){re.escape(org)}(?![\w-])", line)]
-        rest = line
+        rest = participation.sub(" ", line) if participation else line
+        named = [org for org in figures if re.search(rf"(?<![\w-]){re.escape(org)}(?![\w-])", rest)]
         for org in named:
             rest = rest.replace(org, " ")
         for allowed in ALLOWED_ON_AN_ORG_LINE:
