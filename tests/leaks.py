@@ -37,13 +37,14 @@ def _walk(obj, path=(), in_text=False):
 
 
 def _same(shown: float | int, figure: float, text: str | None = None) -> bool:
-    """`shown` is `figure`, exactly or as rounded to the decimals `text` shows. Only from three
-    significant digits on: a "1.2 s" is as likely a timing as a loss (on a line naming an organisation,
-    log_leaks flags any number)."""
+    """`shown` is `figure`: within 1e-6 relative, or, as written in `text`, within one unit of its last
+    digit (a figure recomputed outside the run can differ from the node's own in the 7th digit). Text
+    only from three significant digits on: a "1.2 s" is as likely a timing as a loss (on a line naming
+    an organisation, log_leaks flags any number)."""
     if text is not None and "." in text and "e" not in text.lower():
         return len(text.replace("-", "").replace(".", "").lstrip("0")) >= 3 \
-            and round(figure, len(text.split(".")[1])) == float(text)
-    return figure == shown or abs(shown - figure) <= 1e-9 * max(abs(figure), 1e-12)
+            and abs(figure - float(text)) <= 10.0 ** -len(text.split(".")[1])
+    return abs(shown - figure) <= 1e-6 * max(abs(figure), 1e-12)
 
 
 def record_leaks(record, figures: dict[str, dict[str, float]]) -> list[str]:
