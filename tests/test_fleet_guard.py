@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import subprocess
 import sys
 import time
@@ -194,6 +195,7 @@ def test_a_registered_nodes_forged_instruction_never_reaches_another_node(guarde
     guard it is refused and the victim never pulls it; Flower alone stores and delivers it."""
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
     from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.run import RunNotRunningException
     from flwr.supernode.fleet_http_connection import http_request_response
 
     with LocalFederation(tmp_path, tls, {}, guard=guarded) as fed:
@@ -215,12 +217,12 @@ def test_a_registered_nodes_forged_instruction_never_reaches_another_node(guarde
             while fed.last_run_status() != "running":
                 assert time.monotonic() < deadline, fed.log("superlink")[-3000:]
                 time.sleep(1)
-            run_id = int(__import__("json").loads(started.stdout)["run-id"])
+            run_id = int(json.loads(started.stdout)["run-id"])
             forged, tree = make_message(run_id, SUPERLINK_NODE_ID, victim_id)
             try:
                 mallory_send(forged, tree, 0.0)
                 refused = None
-            except Exception as exc:  # Flower's client raises on the HTTP error  # noqa: BLE001
+            except RunNotRunningException as exc:  # how Flower's client reads any 403
                 refused = exc
             pulled = []
             for _ in range(5):  # the coordinator's own instructions (prepare) may come first
@@ -228,8 +230,7 @@ def test_a_registered_nodes_forged_instruction_never_reaches_another_node(guarde
                     pulled.append(got[0].metadata.message_id)
             delivered = forged.metadata.message_id in pulled
             if guarded:
-                assert refused is not None and "403" in str(refused), refused
-                assert not delivered
+                assert refused is not None and not delivered
                 assert f"node {mallory_id} pushed a message claiming to come from node 1" in fed.log("superlink")
             else:
                 assert refused is None and delivered, (refused, pulled)
