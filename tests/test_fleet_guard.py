@@ -63,6 +63,16 @@ def test_flowers_push_route_and_its_only_other_fleet_transport():
     assert "FLWR_INTERNAL_GRPC_FLEET_API" in inspect.getsource(SuperLinkLifespan.startup)
 
 
+def test_the_image_and_the_stack_start_the_superlink_through_the_launcher():
+    from test_compose import compose_config
+
+    assert compose_config("compose.yaml")["services"]["superlink"]["command"][0] == "superlink.py"
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    superlink_target = dockerfile.split("AS superlink", 1)[1].split("\nFROM ", 1)[0]
+    assert "COPY docker/superlink.py /usr/local/bin/" in superlink_target
+    assert (REPO / "docker" / "superlink.py").stat().st_mode & 0o111  # run by name from PATH
+
+
 def test_the_launcher_refuses_to_start_flowers_grpc_fleet_api():
     result = subprocess.run([sys.executable, str(REPO / "docker" / "superlink.py"), "--insecure"],
                             env={"FLWR_INTERNAL_GRPC_FLEET_API": "1", "PATH": ""}, capture_output=True, text=True,
