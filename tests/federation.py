@@ -70,8 +70,11 @@ class LocalFederation:
     """SuperNode authentication is on, as in the Compose stack: every node has its own key,
     registered under its organisation's name with docker/orgs.py (what `make register-org` runs)."""
 
-    def __init__(self, workdir: Path, certs: Path, nodes: dict[str, dict], threads_per_node: int = 1) -> None:
+    def __init__(self, workdir: Path, certs: Path, nodes: dict[str, dict], threads_per_node: int = 1,
+                 guard: bool = True) -> None:
         self.workdir, self.certs, self.nodes = workdir, certs, nodes
+        # guard=False: Flower's own flower-superlink, only to show what the Fleet guard refuses.
+        self.guard = guard
         # Several CPU nodes share this machine's cores: torch's default of one thread per core in
         # every node oversubscribes them many times over.
         self.node_env = {"OMP_NUM_THREADS": str(threads_per_node)}
@@ -107,9 +110,11 @@ class LocalFederation:
         raise RuntimeError(f"{name} did not open port {port}:\n{self.log(name)}")
 
     def start_superlink(self) -> None:
+        # As the image starts it: flower-superlink behind the Fleet guard (docker/superlink.py).
+        launcher = [sys.executable, str(REPO / "docker" / "superlink.py")] if self.guard else [str(BIN / "flower-superlink")]
         for _ in range(PORT_TRIES):
             self._spawn("superlink", [
-                str(BIN / "flower-superlink"), "--port", str(self.port),
+                *launcher, "--port", str(self.port),
                 "--ssl-ca-certfile", str(self.certs / "ca.pem"), "--ssl-certfile", str(self.certs / "server.pem"),
                 "--ssl-keyfile", str(self.certs / "server.key"), "--database", str(self.workdir / "state.db"),
                 "--disable-runtime-dependency-installation", "--enable-supernode-auth",
