@@ -69,6 +69,28 @@ def test_the_coordinator_drops_a_node_that_declares_more_than_the_max_weight():
     assert _max_error(strategy.global_arrays, want) < 1e-7
 
 
+def _declares(count: int):
+    """A mod around Flower's secaggplus_mod that masks with the node's real count, then declares `count`
+    in plain: the coordinator's per-reply check cannot see the difference."""
+    from flwr.app import MetricRecord
+
+    def mod(msg, ctxt, call_next):
+        reply = secaggplus_mod(msg, ctxt, call_next)
+        if "fitres.num_examples" in reply.content.metric_records:
+            reply.content.metric_records["fitres.num_examples"] = MetricRecord({"num_examples": count})
+        return reply
+    return mod
+
+
+def test_the_coordinator_fails_the_round_when_the_aggregate_is_impossible():
+    """A node masks 13 > max_weight=12 but declares 12: its weight factor makes the integer sum wrap.
+    The unmasked aggregate lies far outside what any weighted mean of clipped updates can be, and its
+    weight total differs from what the nodes declared: the round fails, naming the candidates."""
+    with pytest.raises(RunFailed, match=r"round 1: the SecAgg\+ weight factors sum to .* one of \['org-101', 'org-102', "
+                                        r"'org-103', 'org-104'\] masked a weight other than the one it reported"):
+        _grown_round(mods=[_declares(12)])
+
+
 def test_an_honest_aggregate_passes_the_range_check():
     counts = {"a": 12, "b": 30, "c": 5}
     q = QuantizationSettings.for_round(LR, STEPS, list(counts.values()))
