@@ -112,16 +112,24 @@ class Federation:
             t_round = time.perf_counter()
             self.round_cfg[Key.CURRENT_ROUND] = rnd
             metrics.server().round_current.set(rnd)
-            self.strategy.participants = self.admission.participants(rnd)
-            prepare_seconds = time.perf_counter() - t_round
             sent = self.strategy.sent_fingerprint = model.weights_fingerprint(self.strategy.global_arrays)
-            quant = self._configure_secagg()
-            participants = sorted(self.strategy.org_of[p.node_id] for p in self.strategy.participants)
-            log(INFO, "[ROUND %d/%d] %s over %s", rnd, cfg.num_rounds, cfg.aggregation, ", ".join(participants))
-            t0 = time.perf_counter()
-            self._workflow(rnd, self.secagg or default_fit_workflow)
-            fit_seconds = time.perf_counter() - t0
-            stages = self.grid.take_stages()
+            while True:
+                t_prepare = time.perf_counter()
+                self.strategy.participants = self.admission.participants(rnd)
+                prepare_seconds = time.perf_counter() - t_prepare
+                quant = self._configure_secagg()
+                participants = sorted(self.strategy.org_of[p.node_id] for p in self.strategy.participants)
+                log(INFO, "[ROUND %d/%d] %s over %s", rnd, cfg.num_rounds, cfg.aggregation, ", ".join(participants))
+                t0 = time.perf_counter()
+                self._workflow(rnd, self.secagg or default_fit_workflow)
+                fit_seconds = time.perf_counter() - t0
+                stages = self.grid.take_stages()
+                if self.strategy.fit is not None or not self.strategy.misbehaved:
+                    break
+                # Refused nodes can leave too few for SecAgg+ to unmask (or for the trimmed mean): the
+                # round is run again without them; participants() fails the run below min-nodes.
+                log(WARNING, "round %d did not aggregate after refusing %s: running it again without them", rnd,
+                    self._misbehaved())
             if self.strategy.fit is None:
                 raise RunFailed(
                     f"round {rnd} did not aggregate ({cfg.aggregation}): not enough nodes completed it"

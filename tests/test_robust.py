@@ -415,3 +415,13 @@ def test_a_non_finite_adapter_is_never_checkpointed(tmp_path):
     with pytest.raises(RunFailed, match="not finite; it was not saved"):
         recorder.checkpoint(1, {"round": 1, "seconds": {}}, [np.array([1.0, math.nan], np.float32)], None, False)
     assert not out.round_dir(1).exists()
+
+
+def test_a_secagg_round_left_without_enough_nodes_by_refusals_runs_again_without_them(tmp_path, tiny_model):
+    """Two of four members misbehave in the masked-vector stage: too few remain for SecAgg+ to unmask
+    (any 3 of 4 shares are needed). The round is run again with the two others, as min-nodes allows."""
+    out, seen = _federation(tmp_path, tiny_model, {"org-a": None, "org-b": None, "stale": "wrong-fingerprint",
+                                                   "mute": "no-fingerprint"}, **{"min-nodes": 2})
+    h = _history(out)
+    assert h[1]["aggregated"] == ["org-a", "org-b"] and sorted(h[1]["refused"]) == ["mute", "stale"]
+    assert [rnd for org, rnd in seen if org == "org-a"] == [1, 1, 2]  # round 1 twice, then round 2
