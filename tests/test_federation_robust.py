@@ -76,7 +76,8 @@ def test_misbehaving_members_on_a_real_federation(tmp_path_factory, tls, demo_da
         def run(name: str, **settings):
             out = work / name
             cfg = tiny_run_config(tiny_model, out, **{"num-server-rounds": 1, "sample-every": 0, "min-nodes": 3,
-                                                      "node-wait-timeout": 60, "round-timeout": 120, **settings})
+                                                      "node-wait-timeout": 60, "prepare-timeout": 600, "round-timeout": 300,
+                                                      **settings})
             result = fed.run_app(cfg)
             return out, cfg, result.stdout + result.stderr, fed.last_run_status()
 
