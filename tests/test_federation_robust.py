@@ -104,11 +104,12 @@ def test_misbehaving_members_on_a_real_federation(tmp_path_factory, tls, demo_da
         assert h[1]["aggregated"] == list(ORGS) + ["org-4"] and h[1]["aggregation"] == "robust"
         revealed = _flat(read_adapter(out / "rounds" / "round-0001").values()) - _flat(before)
         others = np.stack([honest[o][0] for o in ORGS])
-        assert np.all(revealed >= others.min(axis=0) - 1e-6) and np.all(revealed <= others.max(axis=0) + 1e-6)
+        # Recomputed updates match the nodes' within ~1e-5 (tests/test_federation.py); C is ~8e-3.
+        assert np.all(revealed >= others.min(axis=0) - 2e-5) and np.all(revealed <= others.max(axis=0) + 2e-5)
         fedavg = (sum(u * n for u, n in (honest[o] for o in ORGS)) + 0.999 * c * honest["org-4"][1]) / sum(
             honest[o][1] for o in honest)
-        print(f"robust: max |aggregate - honest median range| 0; FedAvg would have moved the mean by "
-              f"{float(np.max(fedavg - others.mean(axis=0))):.3g} of C={c:.3g}")
+        print(f"robust: within the honest range; FedAvg would have moved the honest mean by up to "
+              f"{float(np.max(fedavg - others.mean(axis=0))):.3g} (C={c:.3g})")
 
         # 3./4. SecAgg+: mallory places the aggregate on its target, within the range check and no further.
         counts = {o: n for o, (_, n) in honest.items()}
@@ -124,7 +125,7 @@ def test_misbehaving_members_on_a_real_federation(tmp_path_factory, tls, demo_da
             if accepted:
                 assert status == "finished:completed", log[-4000:]
                 revealed = _flat(read_adapter(out / "rounds" / "round-0001").values()) - _flat(before)
-                assert np.all(np.abs(revealed - target) < 1e-6), float(np.max(np.abs(revealed - target)))
+                assert np.all(np.abs(revealed - target) < 2e-5), float(np.max(np.abs(revealed - target)))
                 assert _history(out)[1]["aggregated"] == list(ORGS) + ["org-4"]
             else:
                 assert status == "finished:failed", log[-4000:]
