@@ -7,6 +7,13 @@ run, when its key was registered without a name, when another connected node hol
 or when its `--node-config org` differs from its registered name (a misconfigured or dishonest
 node). Admitted nodes encode their data once ("prepare") and report their example counts.
 
+A node is also refused for the rest of the run when it misbehaves: a prepare reply without its
+organisation or with counts that are not counts, more training examples than max-weight-per-org (its
+weight would outweigh the cap), or later a malformed or inconsistent round reply (app/aggregate.py,
+`expel`). Each refusal is logged with the node's name and reason, kept for metrics.jsonl
+(`refused_orgs`) and counted in Prometheus (fedlora_org_refused); the run goes on while min-nodes
+remain. A node that answers with an error (it declined, or failed) is not refused: it is asked again.
+
 One exception, for trying the app on one machine: in Flower's Simulation Engine nothing is
 registered (simulated nodes have no key and no name), so there a node is named by its own node
 config (org-N for partition N-1, app/config.py). Whether the run is a simulation is decided by the
@@ -34,6 +41,7 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 
+from . import metrics
 from .config import RunConfig
 
 # With fewer participants, each one can subtract its own update from the aggregate and read the
@@ -56,13 +64,30 @@ class Admission:
         self.proxies: dict[int, ClientProxy] = {}
         self.counts: dict[int, int] = {}  # node id -> training examples, for prepared nodes
         self.refused: dict[int, str] = {}  # node id -> why, for the rest of the run
+        self.refused_names: dict[int, str] = {}  # node id -> its organisation (or "node N"), for records
         self.preparing: dict[str, tuple[int, str, float]] = {}  # prepare message id -> (node id, org, when sent)
         self.started = False  # whether a round has had its participants chosen
 
-    def _refuse(self, nid: int, why: str) -> None:
+    def _refuse(self, nid: int, why: str, name: str | None = None) -> None:
         if nid not in self.refused:
             self.refused[nid] = why
+            self.refused_names[nid] = name = name or self.org_of.get(nid) or f"node {nid}"
+            metrics.org_view().refused.labels(name).inc()
             log(ERROR, "refused node %s: %s", nid, why)
+
+    def expel(self, nid: int, why: str) -> None:
+        """A node that sent a malformed or inconsistent reply: it takes no further part in this run,
+        exactly as if it had gone away; the run fails only if fewer than min-nodes remain."""
+        org = self.org_of.get(nid, f"node {nid}")
+        self._refuse(nid, f"{org} {why}; it takes no further part in this run", org)
+        proxy = self.proxies.pop(nid, None)
+        if proxy is not None:
+            self.clients.unregister(proxy)
+        self.counts.pop(nid, None)
+
+    def refused_orgs(self) -> dict[str, str]:
+        """Every node refused so far in this run, by organisation: why."""
+        return {self.refused_names[nid]: why for nid, why in self.refused.items()}
 
     def _online(self) -> dict[int, str]:
         """Online nodes: id -> registered organisation (in simulation: its name once prepared, a label before)."""
@@ -83,7 +108,7 @@ class Admission:
                                   "`make register-org ORG=<name> KEY=<its .pub>`.")
             elif holders[name] > 1:
                 self._refuse(nid, f"{holders[name]} connected nodes are registered as '{name}'. Coordinator: keep one "
-                                  "key per organisation (`make orgs`, `make unregister-org`).")
+                                  "key per organisation (`make orgs`, `make unregister-org`).", name)
 
     def _prepare_new_nodes(self) -> dict[int, str]:
         """Ask unseen nodes to encode their data and admit those whose answers have arrived, without
@@ -129,15 +154,25 @@ class Admission:
         if res.status.code != Code.OK:
             return f"{org}: {res.status.message}"
         props = res.properties
-        if self.simulated:
-            org = str(props["org"])
-            if org in {self.org_of[n] for n in self.proxies}:
-                self._refuse(nid, f"another simulated node is already '{org}'")
-                return None
-        elif props["org"] != org:
-            self._refuse(nid, f"registered as '{org}' but configured as '{props['org']}'. Its admin: start the "
-                              f"SuperNode with --node-config org='{org}' (ORG={org}); it can join the next run.")
+        claimed = props.get("org")
+        if not isinstance(claimed, str) or not claimed.strip():
+            self._refuse(nid, f"{org}'s prepare reply names no organisation (org={claimed!r}): it runs other code than "
+                              "this app", org)
             return None
+        if self.simulated:
+            org = claimed
+            if org in {self.org_of[n] for n in self.proxies}:
+                self._refuse(nid, f"another simulated node is already '{org}'", org)
+                return None
+        elif claimed != org:
+            self._refuse(nid, f"registered as '{org}' but configured as '{claimed}'. Its admin: start the "
+                              f"SuperNode with --node-config org='{org}' (ORG={org}); it can join the next run.", org)
+            return None
+        if self.cfg.org_metrics != "private":
+            why = self._bad_counts(props)
+            if why:
+                self._refuse(nid, f"{org} {why}", org)
+                return None
         proxy = GridClientProxy(node_id=nid, grid=self.grid, run_id=self.grid.run.run_id)
         self.proxies[nid] = proxy
         self.clients.register(proxy)
@@ -148,6 +183,19 @@ class Admission:
         self.counts[nid] = int(props["num-train"])
         log(INFO, "node of %s ready: %s train / %s held-out images, %s unusable skipped",
             org, props["num-train"], props["num-heldout"], props["skipped-images"])
+        return None
+
+    def _bad_counts(self, props) -> str | None:
+        """Why a prepare reply's counts cannot be used, or None."""
+        for key in ("num-train", "num-heldout", "skipped-images"):
+            value = props.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "num-train" else 0):
+                return f"reported {key}={value!r} at prepare, not a count: it runs other code than this app"
+        cap = self.cfg.max_weight_per_org
+        if props["num-train"] > cap:
+            return (f"reported {props['num-train']} training images, more than max-weight-per-org={cap}: no "
+                    "organisation may outweigh that cap. Coordinator: raise max-weight-per-org if the count is real; "
+                    "the organisation can also train on a subset of its images")
         return None
 
     def _still_preparing(self) -> dict[int, tuple[str, bool]]:

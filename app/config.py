@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-AGGREGATIONS = ("secagg+", "fedavg")
+AGGREGATIONS = ("secagg+", "fedavg", "robust")
+WEIGHTINGS = ("examples", "equal")
 ORG_METRICS = ("shared", "private")
 PRECISIONS = ("auto", "no", "bf16")
 
@@ -54,6 +55,9 @@ class RunConfig:
     eval_timesteps: int
     aggregation: str
     org_metrics: str
+    max_weight_per_org: int
+    weighting: str
+    robust_trim: int
     max_images_per_node: int
     min_nodes: int
     node_wait_timeout: float
@@ -84,6 +88,9 @@ class RunConfig:
             eval_timesteps=_get(cfg, "eval-timesteps", int),
             aggregation=_get(cfg, "aggregation", str),
             org_metrics=_get(cfg, "org-metrics", str),
+            max_weight_per_org=_get(cfg, "max-weight-per-org", int),
+            weighting=_get(cfg, "weighting", str),
+            robust_trim=_get(cfg, "robust-trim", int),
             max_images_per_node=_get(cfg, "max-images-per-node", int),
             min_nodes=_get(cfg, "min-nodes", int),
             node_wait_timeout=_get(cfg, "node-wait-timeout", float),
@@ -107,6 +114,7 @@ class RunConfig:
             ("node-wait-timeout", self.node_wait_timeout), ("prepare-timeout", self.prepare_timeout),
             ("round-timeout", self.round_timeout),
             ("sample-steps", self.sample_steps), ("max-images-per-node", self.max_images_per_node),
+            ("max-weight-per-org", self.max_weight_per_org), ("robust-trim", self.robust_trim),
         ]:
             _positive(key, value)
         if self.resolution % 8:
@@ -134,6 +142,19 @@ class RunConfig:
                 f"run config org-metrics=\"private\" needs aggregation=\"secagg+\" (got {self.aggregation!r}): "
                 "under plain FedAvg the coordinator sees every organisation's update anyway"
             )
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"run config 'weighting' must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.weighting == "equal" and self.aggregation == "secagg+":
+            # Under SecAgg+ each node scales its own masked vector by its own example count.
+            raise ConfigError(
+                "run config weighting=\"equal\" needs aggregation=\"fedavg\" (or \"robust\", whose trimmed mean "
+                "weighs every organisation equally anyway): under secagg+ each node weights its masked update by its "
+                "own example count, bounded by max-weight-per-org")
+        if self.aggregation == "robust" and self.min_nodes < 2 * self.robust_trim + 1:
+            # The trimmed mean drops robust-trim values at each end of every coordinate: something must remain.
+            raise ConfigError(
+                f"run config aggregation=\"robust\" with robust-trim={self.robust_trim} needs min-nodes >= "
+                f"{2 * self.robust_trim + 1}, got {self.min_nodes}: lower robust-trim or raise min-nodes")
         # SecAgg+ needs at least two participants to mask anything; Flower refuses fewer.
         if self.min_nodes < (2 if self.aggregation == "secagg+" else 1):
             raise ConfigError(f"run config 'min-nodes' is {self.min_nodes}: secagg+ needs at least 2 (3 to hide anything)")

@@ -8,15 +8,20 @@ SecAgg+ round has four stages. `FastGrid.send_and_receive` does the same with th
 before the timeout, in the order they were pulled (and one Flower can miss: it pulls only every
 3 s, so a reply that lands after its last pull before the timeout is dropped). The ServerApp hands
 it to every workflow that sends stages: SecAgg+'s four, Flower's plain fit and evaluate.
+
+Every reply passes `check` (app/aggregate.py's RoundStrategy.check_reply) as it arrives, before any
+workflow reads it: a reply it refuses is handed on as that node's error reply, so Flower's workflows
+count it as a node that dropped out (SecAgg+ reconstructs its masks) instead of summing it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 # One pull is one small request to the SuperLink; at 0.1 s a stage ends at most 0.1 s after its
@@ -39,8 +44,10 @@ def stage_name(messages: list[Message]) -> str:
 class FastGrid:
     """Wraps the ServerApp's Grid; everything but send_and_receive passes through."""
 
-    def __init__(self, grid, timeout: float, poll_seconds: float = POLL_SECONDS) -> None:
+    def __init__(self, grid, timeout: float, poll_seconds: float = POLL_SECONDS,
+                 check: Callable[[str, Message], str | None] | None = None) -> None:
         self._grid, self._timeout, self._poll = grid, timeout, poll_seconds
+        self._check = check  # (stage, reply) -> why the reply must not count, or None
         self._stages: list[tuple[str, float]] = []
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
@@ -50,12 +57,16 @@ class FastGrid:
         messages = list(messages)
         name, t0 = stage_name(messages), time.monotonic()
         # Flower logs a message it could not push (None); no reply to it can come.
-        waiting = {mid for mid in self._grid.push_messages(messages) if mid}
+        sent = dict(zip(self._grid.push_messages(messages), messages))
+        waiting = {mid for mid in sent if mid}
         end = time.monotonic() + (timeout or self._timeout)
         replies: list[Message] = []
         while waiting:
             got = list(self._grid.pull_messages(waiting))
-            replies.extend(got)
+            for msg in got:
+                checked = self._checked(name, sent.get(msg.metadata.reply_to_message_id), msg)
+                if checked is not None:
+                    replies.append(checked)
             waiting -= {msg.metadata.reply_to_message_id for msg in got}
             left = end - time.monotonic()
             if not waiting or left <= 0:
@@ -63,6 +74,15 @@ class FastGrid:
             time.sleep(min(self._poll, left))
         self._stages.append((name, time.monotonic() - t0))
         return replies
+
+    def _checked(self, stage: str, instruction: Message | None, reply: Message) -> Message | None:
+        if instruction is None:  # a reply to nothing this stage sent: not the workflow's to read
+            return None
+        why = self._check(stage, reply) if self._check else None
+        if not why:
+            return reply
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                             reason=f"refused by the coordinator: {why}"), reply_to=instruction)
 
     def take_stages(self) -> dict[str, float]:
         """Wall seconds of each stage since the last call, by stage name (repeats add up)."""

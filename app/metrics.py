@@ -120,6 +120,9 @@ def org_view() -> SimpleNamespace:
                                   "organisation's update.", ["org"]),
         rounds_failed=Counter("fedlora_org_rounds_failed", "Rounds the organisation was sampled for but "
                               "not aggregated in (it failed or dropped out).", ["org"]),
+        refused=Counter("fedlora_org_refused", "Nodes of the organisation the coordinator refused for the rest of "
+                        "a run: a malformed or inconsistent reply, or a registration that names no one organisation "
+                        "(the reason is in the ServerApp log and metrics.jsonl).", ["org"]),
         last_round=_gauge("fedlora_org_last_round_timestamp_seconds", "Unix time of the last round that "
                           "aggregated the organisation's update.", ("org",)),
         train_loss=_gauge("fedlora_org_train_loss", "The organisation's train loss in its last round, as "

@@ -138,8 +138,10 @@ class LocalFederation:
                               timeout=120)
 
     def start_supernode(self, name: str, root_certificates: Path | None = None, key: Path | None = None,
-                        register_as: str | None = None, register: bool = True) -> subprocess.Popen:
-        """Node `name` with its own key (or `key`), first registered as its org (or `register_as`)."""
+                        register_as: str | None = None, register: bool = True,
+                        env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Node `name` with its own key (or `key`), first registered as its org (or `register_as`);
+        `env`: more environment for it (and the SuperExec and ClientApp processes it starts)."""
         key = key or self.key(name)
         if register:
             org = register_as or self.nodes[name]["org"]
@@ -152,7 +154,7 @@ class LocalFederation:
                 "--root-certificates", str(root_certificates or self.certs / "ca.pem"),
                 "--auth-supernode-private-key", str(key),
                 "--port", str(port), "--node-config", kv(self.nodes[name]), "--max-retries", "3",
-            ], env=self.node_env)
+            ], env=self.node_env | (env or {}))
             # Its own API opens before it contacts the SuperLink: a node that is refused later still
             # opens it first.
             try:

@@ -57,11 +57,38 @@ def test_a_node_whose_data_grew_refuses_and_the_round_aggregates_the_others():
     assert err < 1e-7, f"aggregate off by {err:.2e} (update scale {max(np.max(np.abs(w)) for w in want):.2e})"
 
 
+def test_the_coordinator_drops_a_node_that_declares_more_than_the_max_weight():
+    """A node without the app's check (only Flower's secaggplus_mod) sends 13 > max_weight=12. Its
+    masked weight factor would make the sum wrap; the coordinator reads the count it declared in plain,
+    drops it before its vector is summed (its masks are reconstructed as a dropped node's) and names it."""
+    nodes, updates, strategy, replies = _grown_round(mods=[secaggplus_mod])
+    assert list(strategy.misbehaved) == ["org-103"] and "declared 13 training examples" in strategy.misbehaved["org-103"]
+    assert strategy.fit is not None and strategy.fit["orgs"] == ["org-101", "org-102", "org-104"]
+    others = [i for i in range(4) if i != 2]
+    want = _weights([nodes[i] for i in others], [updates[i] for i in others])
+    assert _max_error(strategy.global_arrays, want) < 1e-7
+
+
+def _declares(count: int):
+    """A mod around Flower's secaggplus_mod that masks with the node's real count, then declares `count`
+    in plain: the coordinator's per-reply check cannot see the difference."""
+    from flwr.app import MetricRecord
+
+    def mod(msg, ctxt, call_next):
+        reply = secaggplus_mod(msg, ctxt, call_next)
+        if "fitres.num_examples" in reply.content.metric_records:
+            reply.content.metric_records["fitres.num_examples"] = MetricRecord({"num_examples": count})
+        return reply
+    return mod
+
+
 def test_the_coordinator_fails_the_round_when_the_aggregate_is_impossible():
-    """A node without the app's check (only Flower's secaggplus_mod) sends 13 > max_weight=12: the
-    unmasked aggregate lies far outside what any weighted mean of clipped updates can be."""
-    with pytest.raises(RunFailed, match=r"round 1: the SecAgg\+ aggregate .* outside .* org-103 sent 13 examples"):
-        _grown_round(mods=[secaggplus_mod])
+    """A node masks 13 > max_weight=12 but declares 12: its weight factor makes the integer sum wrap.
+    The unmasked aggregate lies far outside what any weighted mean of clipped updates can be, and its
+    weight total differs from what the nodes declared: the round fails, naming the candidates."""
+    with pytest.raises(RunFailed, match=r"round 1: the SecAgg\+ weight factors sum to .* one of \['org-101', 'org-102', "
+                                        r"'org-103', 'org-104'\] masked a weight other than the one it reported"):
+        _grown_round(mods=[_declares(12)])
 
 
 def test_an_honest_aggregate_passes_the_range_check():

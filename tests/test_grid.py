@@ -141,9 +141,13 @@ def test_every_secagg_stage_goes_through_it_and_is_timed():
     """Flower's real SecAgg+ workflow and the app's mods, in process, through FastGrid: the round
     aggregates as it does without it, and each of the four stages has its wall time."""
     wrapped = []
+    checked = []
+
+    def strategy_check(stage, reply):
+        checked.append(stage)
 
     def wrap(grid):
-        wrapped.append(FastGrid(grid, 60.0))
+        wrapped.append(FastGrid(grid, 60.0, check=strategy_check))
         return wrapped[0]
 
     strategy, replies = _run_secagg({}, _nodes(3, seed=5), _updates(3, 1e-4, 50, seed=5), wrap_grid=wrap)
@@ -152,3 +156,4 @@ def test_every_secagg_stage_goes_through_it_and_is_timed():
     assert list(stages) == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
     assert all(s >= 0 for s in stages.values())
     assert wrapped[0].take_stages() == {}  # taken once
+    assert sorted(set(checked)) == sorted(stages) and len(checked) == 4 * 3  # every reply of every stage

@@ -23,16 +23,16 @@ from flwr.server import ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.compat.common import recorddict_compat as compat
 
 from app import wire
 from app.client_app import PUBLIC_FIT_METRICS, refuse_revealing_runs, secagg_when_asked
 from app.config import ConfigError, RunConfig
+from app.grid import FastGrid
 from app.secagg import (LOSS_BOUND, PrivateBoundError, QuantizationSettings, adam_update_bound, private_sums,
                         private_vector)
-from app.server_app import RoundStrategy
+from app.aggregate import CheckedSecAggPlus, RoundStrategy
 from conftest import with_defaults
 from leaks import log_leaks, record_leaks
 from test_secagg import _secagg_aggregate, _updates
@@ -205,10 +205,11 @@ def _server_identity(monkeypatch):
 
 def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool = False, node_config: dict | None = None,
                 org_prefix: str = "org", prepared: list[int] | None = None, mods: list | None = None,
-                wrap_grid=lambda grid: grid):
-    """One SecAgg+ round in process. `prepared`: the counts the coordinator prepared with (default: the
+                wrap_grid=None, sent_fingerprint: str | None = None):
+    """One SecAgg+ round in process, as the ServerApp runs it (its strategy, its SecAgg+ workflow, its
+    FastGrid checking every reply). `prepared`: the counts the coordinator prepared with (default: the
     nodes' current ones); `mods`: the ClientApp's mods (default: the app's own); `wrap_grid`: what the
-    workflow gets instead of the grid (the ServerApp's FastGrid)."""
+    workflow gets instead of the grid (default: the ServerApp's FastGrid with the strategy's check)."""
     cfg = RunConfig.from_flower(with_defaults(run_config))
     ids = list(range(101, 101 + len(nodes)))
     by_id = dict(zip(ids, zip(nodes, updates)))
@@ -220,6 +221,7 @@ def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool
     strategy = RoundStrategy(cfg)
     strategy.global_arrays = [np.zeros_like(a) for a in updates[0]]
     strategy.measure_only = measure_only
+    strategy.sent_fingerprint = sent_fingerprint
     clients = SimpleClientManager()
     for nid in ids:
         proxy = GridClientProxy(node_id=nid, grid=grid, run_id=1)
@@ -233,9 +235,12 @@ def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool
     q = (QuantizationSettings.private(cfg.learning_rate, cfg.local_steps, len(nodes)) if cfg.org_metrics == "private"
          else QuantizationSettings.for_round(cfg.learning_rate, cfg.local_steps, prepared or [x["n"] for x in nodes]))
     strategy.quant = q  # what Federation._configure_secagg sets for the round
-    SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.67, max_weight=q.max_weight,
-                       clipping_range=q.clipping_range, quantization_range=q.quantization_range,
-                       modulus_range=q.modulus_range)(wrap_grid(grid), legacy)
+    if wrap_grid is None:
+        def wrap_grid(inner):
+            return FastGrid(inner, 60.0, poll_seconds=0.0, check=strategy.check_reply)
+    CheckedSecAggPlus(num_shares=1.0, reconstruction_threshold=0.67, max_weight=q.max_weight,
+                      clipping_range=q.clipping_range, quantization_range=q.quantization_range,
+                      modulus_range=q.modulus_range)(wrap_grid(grid), legacy)
     return strategy, grid.replies
 
 

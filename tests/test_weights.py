@@ -84,14 +84,3 @@ def test_adapter_file_round_trip_and_diffusers_load(cfg, tiny_model, tmp_path):
     some = next(k for k in state if "lora_B" in k)
     got = next(v for k, v in loaded.items() if k.startswith(some.replace(".weight", "")))
     assert torch.equal(got, torch.from_numpy(state[some]))
-
-
-def test_the_server_fails_a_round_that_trained_from_other_weights():
-    """Each node reports the fingerprint of the weights it read back out of its UNet; one that
-    differs from what the coordinator sent must not be aggregated into the next adapter."""
-    from app.admission import RunFailed
-    from app.server_app import Federation
-
-    Federation._check_received(None, 2, "ab12", {"org-1": "ab12", "org-2": "ab12"})  # the method uses no state
-    with pytest.raises(RunFailed, match=r"round 2: \['org-2'\] trained from weights other than the global adapter sent"):
-        Federation._check_received(None, 2, "ab12", {"org-1": "ab12", "org-2": "ffff"})

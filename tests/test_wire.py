@@ -8,7 +8,7 @@ from flwr.common import parameters_to_ndarrays
 
 from app import wire
 from app.config import RunConfig
-from app.server_app import RoundStrategy
+from app.aggregate import RoundStrategy
 from conftest import with_defaults
 
 # The offline tiny model's adapter has 96 matrices; SD 1.5's hundreds.
