@@ -56,7 +56,7 @@ SIM_NODES ?= 3
 SIM_RUN_CONFIG ?= base-model="$(CURDIR)/models/tiny-sd" sim-data-dir="$(CURDIR)/data" \
 	output-dir="$(CURDIR)/outputs/simulation" $(DEMO_SETTINGS)
 
-.PHONY: help install test test-fast bench bench-train compare tiny-model demo-data partition clean-venv certs rotate-certs check-certs build outputs \
+.PHONY: help install test test-fast bench bench-train compare tiny-model demo-data partition clean-venv certs rotate-certs check-certs build outputs fetch-model \
 	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs \
 	simulation-config simulate
 
@@ -126,7 +126,7 @@ simulate: install simulation-config ## Try the app without Docker (not a deploym
 
 # --- The Compose stack ----------------------------------------------------------------------
 
-certs: ## Create/renew the CA, the SuperLink certificate, the SuperExec secret (and the demo organisations' node keys) in certs/ (SANS="fl.example.org 203.0.113.7")
+certs: ## Create/renew the CA, the SuperLink certificate, the SuperExec secret (and the demo organisations' node keys and secrets) in certs/ (SANS="fl.example.org 203.0.113.7")
 	$(COMPOSE) build superlink
 	$(CERTS_TOOL) -v "$(abspath $(CERTS_DIR)):/certs" $(IMAGE_PREFIX)/superlink:$(IMAGE_TAG) \
 		/tool/certs.py generate --dir /certs
@@ -143,14 +143,26 @@ check-certs:
 	@$(CERTS_TOOL) -v "$(abspath $(CERTS_DIR)):/certs:ro" $(IMAGE_PREFIX)/superlink:$(IMAGE_TAG) \
 		/tool/certs.py check --dir /certs \
 		|| { echo "Refusing to start the stack: fix the certificates as said above." >&2; exit 1; }
-	@for org in $(DEMO_ORGS); do test -f "$(CERTS_DIR)/nodes/$$org.key" \
-		|| { echo "Refusing to start the demo: no node key for $$org in $(CERTS_DIR)/nodes; run \`make certs\`." >&2; exit 1; }; done
+	@for org in $(DEMO_ORGS); do test -f "$(CERTS_DIR)/nodes/$$org.key" -a -f "$(CERTS_DIR)/nodes/$$org.superexec.secret" \
+		|| { echo "Refusing to start the demo: no node key or SuperExec secret for $$org in $(CERTS_DIR)/nodes; run \`make certs\`." >&2; exit 1; }; done
 
 build: ## Build the images (CPU; `make up-gpu` builds the CUDA ones)
-	$(COMPOSE) build superlink serverapp  # the silos run the serverapp's image
+	$(COMPOSE) build superlink serverapp  # organisations' SuperNodes run the first, their ClientApps the second
 
 outputs:
 	mkdir -p "$(OUTPUTS_DIR)"
+
+# An organisation's ClientApp container has no network, so a run cannot download its base model:
+# the organisation fetches it once, here, into its models folder as a Hugging Face cache
+# (MODELS_DIR/hub), which its ClientApp container reads offline (HF_HUB_CACHE=/models/hub).
+MODELS_DIR ?= $(shell sed -n 's/^MODELS_DIR=//p' .env)
+fetch-model: ## Download a base model for runs with base-model="ID" into MODELS_DIR/hub (MODEL=segmind/tiny-sd; HF_TOKEN for gated ones)
+	@test -n "$(MODEL)" || { echo "usage: make fetch-model MODEL=segmind/tiny-sd" >&2; exit 2; }
+	mkdir -p "$(MODELS_DIR)/hub"
+	$(COMPOSE) build serverapp
+	$(TOOL) -v "$(abspath $(MODELS_DIR)):/models" -e HF_HUB_CACHE=/models/hub -e HF_HOME=/tmp/hf -e HF_TOKEN \
+		$(IMAGE_PREFIX)/app:$(IMAGE_TAG) -c "import sys; from diffusers import DiffusionPipeline; \
+		print('fetched', sys.argv[1], 'into', DiffusionPipeline.download(sys.argv[1]).replace('/models', '$(MODELS_DIR)', 1))" "$(MODEL)"
 
 local-images: ## Build nginx and Prometheus from Debian's packages where their images cannot be pulled (then GATEWAY_IMAGE=fedlora/gateway-debian:local PROMETHEUS_IMAGE=fedlora/prometheus-debian:local)
 	for part in gateway prometheus; do \
@@ -241,31 +253,36 @@ clean: ## Stop the stack, delete its volumes (SuperLink state and registrations,
 ORG ?= $(shell sed -n 's/^ORG=//p' docker/join/org.env 2>/dev/null)
 JOIN_ORG_ENV := $(wildcard docker/join/org.env)
 # Image names as the coordinator's stack builds them (.env); join settings from docker/join/.
-COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) $(COMPOSE) -p fedlora-$(ORG) --env-file docker/join/.env \
+JOIN_PROJECT ?= fedlora-$(ORG)
+COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) $(COMPOSE) -p $(JOIN_PROJECT) --env-file docker/join/.env \
 	$(if $(JOIN_ORG_ENV),--env-file $(JOIN_ORG_ENV)) -f docker/join/compose.yaml
 COMPOSE_JOIN_GPU = $(COMPOSE_JOIN) -f docker/join/compose.gpu.yaml
 
-org-key: ## Create this organisation's node key pair certs/nodes/ORG.key (0600) and .pub, if missing (ORG=clinic-a)
+org-key: ## Create this organisation's node key pair certs/nodes/ORG.key (0600) and .pub, and its SuperExec secret, if missing (ORG=clinic-a)
 	mkdir -p "$(CERTS_DIR)/nodes"
 	$(COMPOSE) build superlink
 	@$(TOOL) -v "$(CURDIR)/certs/node_key.py:/tool/node_key.py:ro" -v "$(abspath $(CERTS_DIR))/nodes:/keys" \
 		$(IMAGE_PREFIX)/superlink:$(IMAGE_TAG) /tool/node_key.py create --dir /keys --org "$(ORG)" \
 		--shown-dir "$(CERTS_DIR:./%=%)/nodes"
 
+# The node is two containers (docs/isolation.md): `supernode` (node key, network) and `clientapp`
+# (the run's code, the images, no key, no network).
+JOIN_NODE := supernode clientapp
+
 join-check: ## Check everything this organisation's node needs, in its own container (docker/join/org.env)
-	$(COMPOSE_JOIN) build node
+	$(COMPOSE_JOIN) build $(JOIN_NODE)
 	$(COMPOSE_JOIN) run --rm preflight
 
-join: join-check ## Join the federation: preflight, then start this organisation's SuperNode and wait until healthy
-	$(COMPOSE_JOIN) up -d --wait node
+join: join-check ## Join the federation: preflight, then start this organisation's node (SuperNode + ClientApp containers) and wait until healthy
+	$(COMPOSE_JOIN) up -d --wait $(JOIN_NODE)
 
-join-gpu: ## Same on a GPU host: the CUDA image and NODE_GPU (NVIDIA Container Toolkit)
-	$(COMPOSE_JOIN_GPU) build node
+join-gpu: ## Same on a GPU host: the CUDA image and NODE_GPU for the ClientApp container (NVIDIA Container Toolkit)
+	$(COMPOSE_JOIN_GPU) build $(JOIN_NODE)
 	$(COMPOSE_JOIN_GPU) run --rm preflight
-	$(COMPOSE_JOIN_GPU) up -d --wait node
+	$(COMPOSE_JOIN_GPU) up -d --wait $(JOIN_NODE)
 
-join-down: ## Stop this organisation's SuperNode (it leaves the federation at once); its cache is kept
+join-down: ## Stop this organisation's node (it leaves the federation at once); its cache is kept
 	$(COMPOSE_JOIN) down
 
-join-logs: ## Follow this organisation's SuperNode's logs
-	$(COMPOSE_JOIN) logs -f --tail=100 node
+join-logs: ## Follow this organisation's node's logs (both containers)
+	$(COMPOSE_JOIN) logs -f --tail=100 $(JOIN_NODE)

@@ -84,10 +84,13 @@ def _from_pretrained(cls, base_model: str, subfolder: str, **kwargs):
     try:
         return cls.from_pretrained(base_model, subfolder=subfolder, **kwargs)
     except OSError as err:
+        # An organisation's ClientApp container has no network (docs/isolation.md): a hub id loads
+        # only from the models folder its organisation filled beforehand.
         raise ModelNotAvailable(
-            f"cannot load {subfolder} of base model {base_model!r} on this node ({err}). Put the weights in "
-            "this node's HF_HOME cache (`hf download <id>` where the hub is reachable) or set run config "
-            "'base-model' to a local directory holding a diffusers pipeline"
+            f"cannot load {subfolder} of base model {base_model!r} on this node ({err}). The node fetches no "
+            f"model while it runs: its organisation runs `make fetch-model MODEL={base_model}` on its host once "
+            "(into its models folder), or the run sets 'base-model' to a local diffusers folder such as "
+            "/models/<name>"
         ) from None
 
 

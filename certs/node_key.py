@@ -7,6 +7,10 @@ Writes DIR/ORG.key (private, 0600) and DIR/ORG.pub (public) unless the private k
 the coordinator registered must never be silently replaced. Prints the public key, its
 fingerprint and what to send to the coordinator. Only stdlib + `cryptography`.
 
+Also writes DIR/ORG.superexec.secret (0600) if missing: the secret the organisation's SuperNode
+asks of its ClientApp container's SuperExec (`--superexec-auth-secret-file`, docs/isolation.md).
+Only the organisation's two containers get it; it never leaves the organisation's host.
+
 Formats are the ones Flower reads: `flower-supernode --auth-supernode-private-key` loads an
 OpenSSH private key (load_ssh_private_key, no passphrase) and `flwr supernode register` an
 OpenSSH public key on a NIST curve, i.e. what `ssh-keygen -t ecdsa -b 384 -N ""` writes.
@@ -19,6 +23,7 @@ import base64
 import hashlib
 import os
 import re
+import secrets
 import sys
 from pathlib import Path
 
@@ -46,6 +51,23 @@ def fingerprint(public_line: str) -> str:
 
 def paths(directory: Path, org: str) -> tuple[Path, Path]:
     return directory / f"{org}.key", directory / f"{org}.pub"
+
+
+def secret_path(directory: Path, org: str) -> Path:
+    return directory / f"{org}.superexec.secret"
+
+
+def create_secret(directory: Path, org: str) -> tuple[Path, bool]:
+    """The organisation's SuperExec secret, if missing. Returns (path, created)."""
+    path = secret_path(directory, check_org(org))
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path, False
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path, True
 
 
 def create(directory: Path, org: str) -> tuple[Path, Path, bool]:
@@ -96,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         key_path, pub_path, created = create(args.dir, args.org)
+        secret, secret_created = create_secret(args.dir, args.org)
     except (NodeKeyError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     shown = args.shown_dir or str(args.dir)
     line = pub_path.read_text().strip()
     print(f"{'created' if created else 'kept the existing'} {shown}/{key_path.name} (private, 0600: never send it)")
+    print(f"{'created' if secret_created else 'kept the existing'} {shown}/{secret.name} (0600: stays on this host; "
+          "the node's SuperNode and ClientApp containers share it)")
     print(f"public key {shown}/{pub_path.name}, fingerprint {fingerprint(line)}:")
     print(f"  {line}")
     print(f"Send {shown}/{pub_path.name} to the federation's coordinator and ask them to run:")

@@ -8,7 +8,9 @@ Settings come from the environment, the same as docker/supernode.sh's: SUPERLINK
 (host:port), ORG, NODE_CONFIG_EXTRA (its default-caption is used), NODE_KEY (default
 /run/fedlora/node.key), CA_CERT (default /run/fedlora/ca.pem), DATA_DIR (default /data), and
 FEDLORA_EXPECT_GPU=1 with NODE_GPU, the GPU ids the container was given (both set by
-docker/join/compose.gpu.yaml). Exits 1 if any check FAILED.
+docker/join/compose.gpu.yaml), SUPEREXEC_SECRET (default /run/fedlora/superexec.secret) and
+RELAY_DIR (the volume the node's two containers share; the relay check runs where it is set).
+Exits 1 if any check FAILED.
 
 The registration check uses Flower's own Fleet client: it sends ActivateNode signed with the node
 key but with a heartbeat interval of 0, which the SuperLink refuses (flwr 1.41, fleet_handlers.py)
@@ -24,8 +26,10 @@ import email.utils
 import hashlib
 import os
 import re
+import shutil
 import socket
 import ssl
+import subprocess
 import sys
 import time
 import urllib.error
@@ -65,6 +69,8 @@ class Settings:
     expect_gpu: bool
     gpu_ids: tuple[str, ...] = ()  # NODE_GPU: what the container should see
     train_processes: object = "auto"  # the node setting, from NODE_CONFIG_EXTRA
+    secret: Path = Path("/run/fedlora/superexec.secret")
+    relay_dir: Path | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Settings:
@@ -85,6 +91,8 @@ class Settings:
             expect_gpu=env.get("FEDLORA_EXPECT_GPU", "") not in ("", "0", "false"),
             gpu_ids=tuple(i.strip() for i in env.get("NODE_GPU", "").split(",") if i.strip()),
             train_processes=node_config.get("train-processes", "auto"),
+            secret=Path(env.get("SUPEREXEC_SECRET", "/run/fedlora/superexec.secret")),
+            relay_dir=Path(env["RELAY_DIR"]) if env.get("RELAY_DIR") else None,
         )
 
     @property
@@ -333,6 +341,48 @@ def check_registration(s: Settings, key, after_exit_305: bool = False) -> Result
                                           "the key is registered; this SuperLink's Flower differs from 1.41")
 
 
+# ------------------------------------------------------------------------------ the node's two containers
+
+# What `make org-key` writes (certs/node_key.py): 32 random bytes as hex.
+MIN_SECRET_BYTES = 32
+
+
+def check_secret(s: Settings) -> Result:
+    """The secret the SuperNode asks of the ClientApp container's SuperExec (docs/isolation.md)."""
+    make = f"`make org-key ORG={s.org}` creates it (certs/nodes/{s.org}.superexec.secret) and keeps your node key"
+    try:
+        size = len(s.secret.read_bytes().strip())
+    except FileNotFoundError:
+        return Result("FAILED", "secret", f"no SuperExec secret at {s.secret}: {make}")
+    except PermissionError:
+        return Result("FAILED", "secret", f"{s.secret} is not readable as {whoami()}: restore the container's "
+                                          "entrypoint (it copies the secret for this user)")
+    if size < MIN_SECRET_BYTES:
+        return Result("FAILED", "secret", f"the SuperExec secret at {s.secret} has {size} bytes, fewer than "
+                                          f"{MIN_SECRET_BYTES}: delete certs/nodes/{s.org}.superexec.secret, then {make}")
+    return Result("ok", "secret", f"{s.secret}: {size} bytes; the SuperNode's ClientAppIo API answers only the "
+                                  "ClientApp container, which holds the same")
+
+
+def check_relay(s: Settings) -> Result:
+    """What the relay between the two containers needs: socat in the image, a writable shared volume."""
+    probe = s.relay_dir / f".preflight-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        return Result("FAILED", "relay", f"cannot write to {s.relay_dir} as {whoami()} ({err.strerror or err}): the "
+                                         "relay's sockets go there; remove the `relay` volume (`make join-down`, "
+                                         "then `docker volume rm fedlora-{s.org}_relay`) so that it is made again")
+    socat = shutil.which("socat")
+    if socat is None:
+        return Result("FAILED", "relay", "socat is not in this image, and the node's two containers talk through it: "
+                                         "build the node's images from this repository (`make join-check` does)")
+    found = re.search(r"socat version (\S+)", subprocess.run([socat, "-V"], capture_output=True, text=True).stdout)
+    version = found.group(1) if found else "(version unknown)"
+    return Result("ok", "relay", f"socat {version}; {s.relay_dir} (shared with the ClientApp container) is writable")
+
+
 # ------------------------------------------------------------------------------ data and GPU
 
 
@@ -417,6 +467,9 @@ def run_checks(s: Settings, skip: set[str] = frozenset(), after_exit_305: bool =
         results.append(check_registration(s, key, after_exit_305))
     else:
         results.append(Result("skip", "registration", "needs a valid key and a TLS connection"))
+    results.append(check_secret(s))
+    if s.relay_dir is not None:
+        results.append(check_relay(s))
     if "data" not in skip:
         results.append(check_data(s))
     if "gpu" not in skip and s.expect_gpu:

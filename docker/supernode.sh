@@ -8,8 +8,15 @@
 #   MAX_RETRIES        give up after this many failed connection attempts (optional; default: retry forever)
 #   NODE_KEY           node private key (default /run/fedlora/node.key)
 #   CA_CERT            federation CA (default /run/fedlora/ca.pem)
-#   DATA_DIR           the organisation's images (default /data)
+#   DATA_DIR           the organisation's images, as the ClientApp container sees them (default /data)
+#   SUPEREXEC_SECRET   the organisation's SuperExec secret (default /run/fedlora/superexec.secret)
+#   RELAY_DIR          the volume shared with the organisation's ClientApp container (optional)
 #   Arguments are passed on to flower-supernode (e.g. --port).
+#
+# Process isolation (docs/isolation.md): this node runs no app code. The ClientApp container's
+# SuperExec, holding the same secret, takes the messages from this node's ClientAppIo API, which
+# listens on this container's loopback only; with RELAY_DIR set, socat gives that API to the
+# ClientApp container as a Unix socket there, and passes Prometheus' scrapes of :9200 the other way.
 #
 # Exits with flower-supernode's exit status. SIGTERM/SIGINT reach flower-supernode, so that it
 # deactivates at once rather than after the SuperLink's ~60 s heartbeat timeout.
@@ -19,7 +26,13 @@ set -u
 key=${NODE_KEY:-/run/fedlora/node.key}
 ca=${CA_CERT:-/run/fedlora/ca.pem}
 data=${DATA_DIR:-/data}
-export NODE_KEY="$key" CA_CERT="$ca" DATA_DIR="$data"  # for the preflight below
+secret=${SUPEREXEC_SECRET:-/run/fedlora/superexec.secret}
+export NODE_KEY="$key" CA_CERT="$ca" DATA_DIR="$data" SUPEREXEC_SECRET="$secret"  # for the preflight below
+[ -s "$secret" ] || { echo "no SuperExec secret at $secret: run \`make org-key ORG=$ORG\` (it creates certs/nodes/$ORG.superexec.secret)" >&2; exit 1; }
+if [ -n "${RELAY_DIR:-}" ]; then
+    socat "UNIX-LISTEN:$RELAY_DIR/appio.sock,fork,unlink-early,mode=600" TCP:127.0.0.1:9094 &
+    socat TCP-LISTEN:9200,fork,reuseaddr "UNIX-CONNECT:$RELAY_DIR/metrics.sock" &
+fi
 
 # Not exec: this shell stays to explain a refusal, so it forwards the signals itself. Flower
 # logs "Exit Code: 305" but the process exits 1: the output passes through a filter that notes
@@ -37,7 +50,7 @@ done <"$tmp/output" &
 filter=$!
 # shellcheck disable=SC2086
 flower-supernode --superlink "$SUPERLINK_ADDRESS" --root-certificates "$ca" \
-    --auth-supernode-private-key "$key" \
+    --auth-supernode-private-key "$key" --isolation process --superexec-auth-secret-file "$secret" \
     --node-config "data-dir='$data' org='$ORG' ${NODE_CONFIG_EXTRA:-}" \
     ${MAX_RETRIES:+--max-retries "$MAX_RETRIES"} "$@" >"$tmp/output" 2>&1 &
 pid=$!

@@ -17,7 +17,11 @@ import pytest
 
 from federation import REPO
 
-SILOS = ("org-1", "org-2", "org-3")
+ORGS = ("org-1", "org-2", "org-3")
+# Each organisation's node is a pair (docs/isolation.md): the SuperNode with the key and the network,
+# the ClientApp container with the run's code, the images and the GPUs, and no network.
+SUPERNODES = tuple(f"{org}-supernode" for org in ORGS)
+SILOS = tuple(f"{org}-clientapp" for org in ORGS)
 
 
 def run_compose_config(*files: str, certs: Path | None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -42,7 +46,7 @@ def compose_config(*files: str, env: dict | None = None) -> dict:
     return json.loads(result.stdout)
 
 
-FEDERATION = ("superlink", "gateway", "serverapp", *SILOS)
+FEDERATION = ("superlink", "gateway", "serverapp", *SUPERNODES, *SILOS)
 
 
 def test_cpu_stack_shape():
@@ -65,23 +69,34 @@ def test_cpu_stack_shape():
     assert [p["target"] for p in services["gateway"]["ports"]] == [8443]
     # The SuperLink (with its open Control API) shares no network with any organisation's node.
     assert set(superlink["networks"]) == {"coordinator"} and set(services["gateway"]["networks"]) == {"coordinator", "fleet"}
-    for silo in SILOS:
-        svc = services[silo]
-        assert set(svc["networks"]) == {"fleet"}
-        assert svc["environment"]["ORG"] == silo and svc["environment"]["OMP_NUM_THREADS"] == "1"
-        assert svc["environment"]["SUPERLINK_ADDRESS"] == "gateway:8443" and svc["command"] == ["supernode.sh"]
-        assert svc["profiles"] == ["demo"]
-        data = next(v for v in svc["volumes"] if v["target"] == "/data")
-        assert data["read_only"] is True and data["source"].endswith(f"data/{silo}")
-        key = next(x for x in svc["secrets"] if x["target"] == "node.key")
-        assert compose_secret_file(key["source"]).endswith(f"nodes/{silo}.key")
-        assert svc["depends_on"]["gateway"]["condition"] == "service_healthy"
+    secret_files = {name: secret["file"] for name, secret in compose_config("compose.yaml")["secrets"].items()}
+    for org in ORGS:
+        node, app = services[f"{org}-supernode"], services[f"{org}-clientapp"]
+        # The SuperNode: the key, the network to the gateway; no data, no models, no caches, no app code.
+        assert set(node["networks"]) == {"fleet"} and "silos" in node["networks"]["fleet"]["aliases"]
+        assert node["environment"]["ORG"] == org and node["environment"]["SUPERLINK_ADDRESS"] == "gateway:8443"
+        assert node["command"] == ["supernode.sh"] and node["image"].split("/")[-1].startswith("superlink:")
+        assert [v["target"] for v in node["volumes"]] == ["/relay"]
+        assert {Path(x["target"]).name: Path(secret_files[x["source"]]).name for x in node["secrets"]} == {
+            "ca.pem": "ca.pem", "node.key": f"{org}.key", "superexec.secret": f"{org}.superexec.secret"}
+        assert node["depends_on"]["gateway"]["condition"] == "service_healthy"
+        # The ClientApp side: no network at all, no key; its images read-only; the same secret and relay.
+        assert app["network_mode"] == "none" and not app.get("networks") and not app.get("extra_hosts")
+        assert [(x["source"], x["target"]) for x in app["secrets"]] == [(f"{org}.superexec.secret", "superexec.secret")]
+        assert app["command"] == ["clientapp.sh"] and app["init"] is True
+        assert app["environment"]["OMP_NUM_THREADS"] == "1" and app["environment"]["HF_HUB_OFFLINE"] == "1"
+        data = next(v for v in app["volumes"] if v["target"] == "/data")
+        assert data["read_only"] is True and data["source"].endswith(f"data/{org}")
+        assert next(v for v in app["volumes"] if v["target"] == "/models")["read_only"] is True
+        relay = next(v for v in node["volumes"] if v["target"] == "/relay")
+        assert relay["type"] == "volume" and relay in app["volumes"]
+        assert {n for n, svc in services.items() if relay in svc.get("volumes", [])} == {f"{org}-supernode", f"{org}-clientapp"}
+        assert set(app["depends_on"]) == {f"{org}-supernode"}
+        assert app["depends_on"][f"{org}-supernode"]["condition"] == "service_healthy"
+        for svc in (node, app):
+            assert svc["profiles"] == ["demo"] and not svc.get("ports")
     outputs = next(v for v in services["serverapp"]["volumes"] if v["target"] == "/outputs")
     assert outputs["type"] == "bind" and outputs["source"].endswith("outputs")
-
-
-def compose_secret_file(name: str) -> str:
-    return compose_config("compose.yaml")["secrets"][name]["file"]
 
 
 def test_grafana_refuses_to_start_without_its_password(tmp_path):
@@ -90,7 +105,7 @@ def test_grafana_refuses_to_start_without_its_password(tmp_path):
     assert result.returncode != 0 and "grafana.env" in result.stderr
 
 
-def test_gpu_overlay_gives_every_supernode_a_gpu_and_a_cuda_image():
+def test_gpu_overlay_gives_every_clientapp_container_a_gpu_and_a_cuda_image():
     services = compose_config("compose.yaml", "compose.gpu.yaml")["services"]
     cpu_base = compose_config("compose.yaml")["services"]["serverapp"]["build"]["args"]["BASE_IMAGE"]
     for name in (*SILOS, "serverapp"):
@@ -102,8 +117,9 @@ def test_gpu_overlay_gives_every_supernode_a_gpu_and_a_cuda_image():
         assert svc["build"]["args"]["TORCH_INDEX_URL"] == "" and svc["build"]["args"]["TORCH_BUILD"] == "cuda", name
         assert svc["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility", name
     assert len({services[s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0] for s in SILOS}) == 3
-    assert services["org-2"]["environment"]["ORG"] == "org-2"  # the overlay merges, it does not replace
-    assert "deploy" not in services["superlink"] and "cuda" not in services["superlink"]["image"]
+    assert services["org-2-clientapp"]["network_mode"] == "none"  # the overlay merges, it does not replace
+    for name in ("superlink", *SUPERNODES):  # Flower only: the SuperNodes run no app code
+        assert "deploy" not in services[name] and "cuda" not in services[name]["image"], name
     dcgm = services["dcgm-exporter"]  # GPU metrics; Prometheus finds it by this name
     assert dcgm["deploy"]["resources"]["reservations"]["devices"][0]["count"] == -1 and not dcgm.get("ports")
 
@@ -115,7 +131,9 @@ def gpu_plan(config: dict, **env: str) -> subprocess.CompletedProcess:
 
 
 def gpu_ids(services: dict) -> dict[str, list[str]]:
-    return {s: services[s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in (*SILOS, "serverapp")}
+    """Organisation (its ClientApp container: the SuperNode gets no GPU) or "serverapp" -> device ids."""
+    return {s.removesuffix("-clientapp"): services[s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+            for s in (*SILOS, "serverapp")}
 
 
 def test_gpu_placement_by_default_is_what_env_states():
@@ -126,7 +144,7 @@ def test_gpu_placement_by_default_is_what_env_states():
     assert "SERVERAPP_GPU=0\n" in env and "shares\n# with org-1" in env and "ALLOW_SHARED_GPUS=0\n" in env
     plan = gpu_plan(config)
     assert plan.returncode == 0, plan.stderr
-    assert plan.stdout.splitlines() == ["GPU 0: org-1, serverapp", "GPU 1: org-2", "GPU 2: org-3"]
+    assert plan.stdout.splitlines() == ["GPU 0: org-1-clientapp, serverapp", "GPU 1: org-2-clientapp", "GPU 2: org-3-clientapp"]
 
 
 def test_two_organisations_on_one_gpu_are_refused_unless_the_operator_allows_it():
@@ -147,7 +165,7 @@ def test_gpu_overlay_gives_an_organisation_several_gpus():
     assert gpu_ids(services) == {"org-1": ["0,1"], "org-2": ["2"], "org-3": ["3"], "serverapp": ["0"]}
     assert all(int(services[s]["shm_size"]) >= 2**30 for s in SILOS)
     plan = gpu_plan(config)
-    assert plan.returncode == 0 and "GPU 1: org-1" in plan.stdout, plan.stdout + plan.stderr
+    assert plan.returncode == 0 and "GPU 1: org-1-clientapp" in plan.stdout, plan.stdout + plan.stderr
 
 
 def test_dockerfile_passes_hadolint():

@@ -3,7 +3,8 @@
 One stack and one output directory for the module, one story told in order (each test picks up
 where the previous one left off, as an operator would):
 
-    run 1   round 1: org-2's SuperNode is SIGKILLed in the fit stage; the round completes with the
+    run 1   round 1: org-2's node (both its containers: SuperNode and ClientApp, docs/isolation.md)
+            is SIGKILLed in the fit stage; the round completes with the
             other two (SecAgg+ reconstructs org-2's masks) and records org-2 as dropped; org-2 is
             started again and takes part in round 2.
             round 3: the `serverapp` container is SIGKILLed mid-round; the run ends "failed".
@@ -100,8 +101,10 @@ class Story:
         self.figures: dict[str, float] = {}
         self.began = time.time()  # node logs are read from here on (each round is named by its run)
 
-    def logs(self, service: str) -> Logs:
-        return Logs(self.container(service), self.began)
+    def logs(self, org: str) -> Logs:
+        """The organisation's SuperNode's log: it names each message it receives (the ClientApp
+        container's log has the run's code's lines)."""
+        return Logs(self.container(f"{org}-supernode"), self.began)
 
     def make_run(self) -> dict:
         """The documented command, start and resume alike: `make run RUN_CONFIG=...` with the same settings."""
@@ -161,9 +164,9 @@ class Story:
         assert container, f"{service} is not running"
         return container
 
-    def kill(self, container: str) -> None:
+    def kill(self, *containers: str) -> None:
         """SIGKILL, by container id: no Compose CLI start-up between seeing the moment and acting."""
-        assert subprocess.run(["docker", "kill", "--signal", "KILL", container], capture_output=True).returncode == 0
+        assert subprocess.run(["docker", "kill", "--signal", "KILL", *containers], capture_output=True).returncode == 0
 
     def snapshot(self) -> dict[str, bytes]:
         """Every file of every completed round, by path."""
@@ -201,11 +204,14 @@ def story(stack):
 
 
 def test_killed_supernode_drops_out_of_its_round_and_rejoins_the_next(story):
-    org2, container = story.logs("org-2"), story.container("org-2")
+    # The whole node, as when its host dies: the SuperNode (heartbeats stop) and the ClientApp
+    # container that is training.
+    node = [story.container(f"org-2-{part}") for part in ("supernode", "clientapp")]
+    org2 = story.logs("org-2")
     run = story.make_run()
     try:
         story.mid_round(org2, run, 1)
-        story.kill(container)
+        story.kill(*node)
         killed = time.monotonic()
     finally:
         org2.close()
@@ -219,7 +225,7 @@ def test_killed_supernode_drops_out_of_its_round_and_rejoins_the_next(story):
     # Started again by its operator: Flower refuses its key until the SuperLink has marked the killed
     # node offline; by now the round's own wait for it has passed that point.
     started = time.monotonic()
-    assert compose(story.stack, "start", "org-2").returncode == 0
+    assert compose(story.stack, "start", "org-2-supernode", "org-2-clientapp").returncode == 0
     r2 = story.round_done(2, timeout=600)
     story.figures["killed node: restart to round 2 checkpoint (s)"] = time.monotonic() - started
     assert r2["aggregated"] == list(ORGS) and r2["dropped"] == [], r2

@@ -59,6 +59,30 @@ def test_node_key_is_what_flower_loads_private_and_never_replaced(tmp_path):
         node_key.create(tmp_path / "nodes", "Clinic_A")
 
 
+def test_node_secret_is_private_long_and_never_replaced(tmp_path):
+    secret, created = node_key.create_secret(tmp_path / "nodes", "clinic-a")
+    assert created and secret.name == "clinic-a.superexec.secret" and secret.stat().st_mode & 0o777 == 0o600
+    before = secret.read_bytes()
+    assert len(before) >= preflight.MIN_SECRET_BYTES
+    assert node_key.create_secret(tmp_path / "nodes", "clinic-a") == (secret, False) and secret.read_bytes() == before
+    assert node_key.create_secret(tmp_path / "nodes", "clinic-b")[0].read_bytes() != before
+
+
+def test_secret_and_relay_verdicts(tmp_path, monkeypatch):
+    check = lambda **kw: (preflight.check_secret(settings(tmp_path, **kw)), preflight.check_relay(settings(tmp_path, **kw)))
+    (tmp_path / "short").write_text("abc")
+    secret, relay = check(secret=tmp_path / "missing", relay_dir=tmp_path / "no-such-volume")
+    assert secret.status == "FAILED" and "make org-key ORG=org-x" in secret.detail
+    assert relay.status == "FAILED" and "cannot write to" in relay.detail
+    secret, _ = check(secret=tmp_path / "short", relay_dir=tmp_path)
+    assert secret.status == "FAILED" and "3 bytes" in secret.detail
+    secret, _ = check(secret=node_key.create_secret(tmp_path, "org-x")[0], relay_dir=tmp_path)
+    assert secret.status == "ok", secret
+    monkeypatch.setenv("PATH", str(tmp_path))  # an image without socat
+    relay = preflight.check_relay(settings(tmp_path, relay_dir=tmp_path))
+    assert relay.status == "FAILED" and "socat is not in this image" in relay.detail
+
+
 @pytest.mark.parametrize("skew, status, words", [
     (0.3, "ok", "ahead of"),
     (-120, "ok", "behind"),
@@ -159,54 +183,67 @@ def test_join_settings_that_are_required_say_what_to_set():
     assert result.returncode != 0 and "SUPERLINK_ADDRESS" in result.stderr and "gateway" in result.stderr
 
 
-def test_join_node_is_hardened_and_only_dials_out():
+def test_join_node_is_hardened_and_only_its_supernode_dials_out():
     config = join_config("docker/join/compose.yaml")
     assert config["name"] == "fedlora-clinic-a"
-    node = config["services"]["node"]  # the preflight is under a profile: not started by `up`
-    assert set(config["services"]) == {"node"}
-    assert node["read_only"] is True and "no-new-privileges:true" in node["security_opt"] and node["cap_drop"] == ["ALL"]
-    assert int(node["mem_limit"]) > 0 and node["pids_limit"] > 0
-    assert not node.get("ports") and node["networks"] == {"node": None}
-    data = next(v for v in node["volumes"] if v["target"] == "/data")
-    assert data["read_only"] is True and data["source"] == JOIN_ENV["ORG_DATA_DIR"]
-    assert {s["source"] for s in node["secrets"]} == {"ca.pem", "node.key"}
+    # The preflight is under a profile: not started by `up`.
+    assert set(config["services"]) == {"supernode", "clientapp"}
+    node, app = config["services"]["supernode"], config["services"]["clientapp"]
+    for svc in (node, app):
+        assert svc["read_only"] is True and "no-new-privileges:true" in svc["security_opt"] and svc["cap_drop"] == ["ALL"]
+        assert int(svc["mem_limit"]) > 0 and svc["pids_limit"] > 0 and not svc.get("ports")
+        assert "deploy" not in svc and "cuda" not in svc["image"]
+    # The SuperNode: Flower only, the key, the network; no images.
+    assert node["networks"] == {"node": None} and node["image"].endswith("/superlink:0.1.0")
+    assert {s["source"] for s in node["secrets"]} == {"ca.pem", "node.key", "superexec.secret"}
+    assert [v["target"] for v in node["volumes"]] == ["/relay"]
     assert config["secrets"]["node.key"]["file"].endswith("certs/nodes/clinic-a.key")
+    assert config["secrets"]["superexec.secret"]["file"].endswith("certs/nodes/clinic-a.superexec.secret")
     assert node["command"] == ["supernode.sh"] and node["environment"]["SUPERLINK_ADDRESS"] == "fl.example.org:8000"
-    assert node["healthcheck"]["test"][-1] == "127.0.0.1:9200" and node["environment"]["METRICS_PORT"] == "9200"
-    assert "deploy" not in node and "cuda" not in node["image"]
+    # The run's code: no network, no key; the images read-only, the relay volume shared with the SuperNode.
+    assert app["network_mode"] == "none" and not app.get("networks") and not app.get("extra_hosts")
+    assert [s["source"] for s in app["secrets"]] == ["superexec.secret"] and app["init"] is True
+    data = next(v for v in app["volumes"] if v["target"] == "/data")
+    assert data["read_only"] is True and data["source"] == JOIN_ENV["ORG_DATA_DIR"]
+    assert next(v for v in app["volumes"] if v["target"] == "/relay") == node["volumes"][0]
+    assert app["command"] == ["clientapp.sh"] and app["environment"]["HF_HUB_OFFLINE"] == "1"
+    assert app["healthcheck"]["test"][-1] == "127.0.0.1:9200" and app["environment"]["METRICS_PORT"] == "9200"
+    assert app["depends_on"]["supernode"]["condition"] == "service_healthy"
 
 
 def test_join_preflight_sees_what_the_node_sees():
     services = join_config("docker/join/compose.yaml", profile="preflight")["services"]
-    node, check = services["node"], services["preflight"]
-    for key in ("image", "read_only", "cap_drop", "security_opt", "secrets", "networks", "mem_limit", "pids_limit"):
+    node, app, check = services["supernode"], services["clientapp"], services["preflight"]
+    for key in ("image", "read_only", "cap_drop", "security_opt", "mem_limit", "pids_limit"):
+        assert check[key] == app[key], key
+    for key in ("secrets", "networks", "extra_hosts"):  # the SuperNode's view of the federation
         assert check[key] == node[key], key
-    assert [v for v in check["volumes"] if v["target"] != "/src/app"] == node["volumes"]
+    assert [v for v in check["volumes"] if v["target"] != "/src/app"] == app["volumes"]
     assert next(v for v in check["volumes"] if v["target"] == "/src/app")["read_only"] is True
     assert check["command"] == ["python", "/usr/local/bin/preflight.py"] and check["restart"] == "no"
-    assert {k: v for k, v in check["environment"].items() if k not in ("METRICS_PORT", "PYTHONPATH")} == \
-        {k: v for k, v in node["environment"].items() if k != "METRICS_PORT"}
+    assert {k: v for k, v in check["environment"].items() if k not in ("METRICS_PORT", "PYTHONPATH")} == node["environment"]
 
 
-def test_join_gpu_overlay_gives_the_node_a_gpu_and_the_cuda_image():
+def test_join_gpu_overlay_gives_the_clientapp_container_a_gpu_and_the_cuda_image():
     services = join_config("docker/join/compose.yaml", "docker/join/compose.gpu.yaml")["services"]
-    node = services["node"]
+    assert "deploy" not in services["supernode"] and "cuda" not in services["supernode"]["image"]
+    node = services["clientapp"]
     device = node["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["device_ids"] == ["0"]
     assert node["environment"]["NODE_GPU"] == "0" and int(node["shm_size"]) >= 2**30
-    cpu_base = join_config("docker/join/compose.yaml")["services"]["node"]["build"]["args"]["BASE_IMAGE"]
+    cpu_base = join_config("docker/join/compose.yaml")["services"]["clientapp"]["build"]["args"]["BASE_IMAGE"]
     assert node["image"].endswith("/app-cuda:0.1.0") and node["build"]["args"]["BASE_IMAGE"] == cpu_base
     assert node["build"]["args"]["TORCH_BUILD"] == "cuda" and node["build"]["args"]["TORCH_INDEX_URL"] == ""
     assert node["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
-    assert node["environment"]["FEDLORA_EXPECT_GPU"] == "1" and node["environment"]["ORG"] == "clinic-a"
-    assert node["read_only"] is True and int(node["mem_limit"]) > 0  # the overlay merges, it does not replace
+    assert node["environment"]["FEDLORA_EXPECT_GPU"] == "1" and node["environment"]["HF_HUB_OFFLINE"] == "1"
+    assert node["read_only"] is True and node["network_mode"] == "none"  # the overlay merges, it does not replace
 
 
 def test_join_gpu_overlay_gives_the_node_and_its_preflight_several_gpus():
     """Docker's nvidia driver joins device_ids with commas into NVIDIA_VISIBLE_DEVICES: ["0,1"] is two GPUs."""
     services = join_config("docker/join/compose.yaml", "docker/join/compose.gpu.yaml", profile="preflight",
                            env={"NODE_GPU": "0,1"})["services"]
-    for name in ("node", "preflight"):
+    for name in ("clientapp", "preflight"):
         assert services[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0,1"], name
         assert services[name]["environment"]["NODE_GPU"] == "0,1", name  # what the preflight counts
 
@@ -259,6 +296,7 @@ def link(tmp_path_factory):
     keys = root / "nodes"
     for org in ("org-x", "org-y"):
         node_key.create(keys, org)
+        node_key.create_secret(keys, org)
     port, env = free_port(), offline_env()
     log = open(root / "superlink.log", "wb")
     proc = subprocess.Popen([
@@ -301,13 +339,14 @@ def node_settings(link, org: str, **overrides) -> preflight.Settings:
 def test_registered_key_is_ready_to_join(link, tmp_path):
     data = write_demo_data(tmp_path, orgs=1, images_per_org=4)[0]
     env = link.env | {"SUPERLINK_ADDRESS": f"127.0.0.1:{link.port}", "ORG": "org-x", "NODE_KEY": str(link.keys / "org-x.key"),
-                      "CA_CERT": str(link.certs / "ca.pem"), "DATA_DIR": str(data), "PYTHONPATH": str(REPO)}
+                      "CA_CERT": str(link.certs / "ca.pem"), "DATA_DIR": str(data), "PYTHONPATH": str(REPO),
+                      "SUPEREXEC_SECRET": str(link.keys / "org-x.superexec.secret")}
     result = subprocess.run([str(BIN / "python"), str(REPO / "docker" / "preflight.py")], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert [line.split()[1] for line in lines[:-1]] == [
-        "org", "address", "reachable", "tls", "health", "clock", "key", "registration", "data"]
+        "org", "address", "reachable", "tls", "health", "clock", "key", "registration", "secret", "data"]
     assert all(line.startswith(("ok", "warn")) for line in lines[:-1]), result.stdout
     assert lines[-1] == "preflight: ready to join as org-x"
     # The probe activated nothing: the node is still only registered.
@@ -352,7 +391,8 @@ def test_nothing_listening_is_unreachable(link):
 
 def supernode_sh(link, org: str, tmp_path: Path) -> subprocess.Popen:
     env = link.env | {"SUPERLINK_ADDRESS": f"127.0.0.1:{link.port}", "ORG": org, "NODE_KEY": str(link.keys / f"{org}.key"),
-                      "CA_CERT": str(link.certs / "ca.pem"), "DATA_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+                      "CA_CERT": str(link.certs / "ca.pem"), "DATA_DIR": str(tmp_path), "PYTHONPATH": str(REPO),
+                      "SUPEREXEC_SECRET": str(link.keys / f"{org}.superexec.secret")}
     return subprocess.Popen([str(REPO / "docker" / "supernode.sh"), "--port", str(free_port())], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -45,6 +45,8 @@ def wait_until(condition, what: str, timeout: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(1)
+# Each organisation's node is a pair (docs/isolation.md): the SuperNode, then the run's code.
+NODES = [f"{org}-{part}" for org in ORGS for part in ("supernode", "clientapp")]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_every_service_is_healthy(stack):
                         capture_output=True, text=True, check=True).stdout
     services = [json.loads(line) for line in ps.splitlines() if line.strip()]
     assert {s["Service"]: s["Health"] for s in services} == {
-        n: "healthy" for n in ("superlink", "gateway", "serverapp", *ORGS, "prometheus")}
+        n: "healthy" for n in ("superlink", "gateway", "serverapp", *NODES, "prometheus")}
 
 
 def test_run_completed_every_round_with_all_organisations(run):
@@ -143,7 +145,7 @@ try:
 except OSError as err:
     print("superlink unreachable:", err)
 """ % (CLOSED,)
-    result = compose(stack, "exec", "-T", "org-1", "python", "-c", probe)
+    result = compose(stack, "exec", "-T", "org-1-supernode", "python", "-c", probe)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "health 200"
@@ -268,19 +270,19 @@ def test_killed_node_shows_offline_then_back_with_its_counters(stack, run):
         wait_until(condition, what, timeout)
 
     steps = float(promql(stack, 'fedlora_train_steps_total{org="org-2"}')[0]["value"][1])
-    assert compose(stack, "kill", "org-2").returncode == 0
-    wait_for(lambda: promql(stack, 'fedlora_node_up{org="org-2"} == 0'), "org-2 to show as down",
+    assert compose(stack, "kill", "org-2-supernode", "org-2-clientapp").returncode == 0
+    wait_for(lambda: promql(stack, 'fedlora_node_up{org="org-2"} == 0'), "org-2 to show as down", 
              timeout=heartbeat_window() + 2 * SCRAPE_WINDOW)
     offline = promql(stack, "max by (org) (max_over_time(fedlora_node_up[1h])) unless max by (org) (fedlora_node_up == 1)")
     assert [r["metric"]["org"] for r in offline] == ["org-2"]
     wait_for(lambda: promql(stack, 'ALERTS{alertname="FedloraNodeOffline", org="org-2"}'), "the offline alert")
     assert node_up("org-1") and node_up("org-3")
 
-    assert compose(stack, "start", "org-2").returncode == 0
+    assert compose(stack, "start", "org-2-supernode", "org-2-clientapp").returncode == 0
     wait_for(lambda: node_up("org-2"), "org-2 to be back")
     # Connected (the SuperLink's view) comes first; its own endpoint is scraped again shortly after.
     wait_for(lambda: promql(stack, 'fedlora_train_steps_total{org="org-2"}'), "org-2's own metrics to be scraped")
-    # The node's metrics live on its volume: a restart does not reset its counters.
+    # The node's metrics live on its ClientApp container's volume: a restart does not reset its counters.
     assert float(promql(stack, 'fedlora_train_steps_total{org="org-2"}')[0]["value"][1]) == steps
 
 
@@ -289,11 +291,49 @@ def test_promtool_accepts_config_rules_and_every_endpoint(stack, run):
         result = compose(stack, "exec", "-T", "prometheus", "promtool", *check)
         assert result.returncode == 0, result.stdout + result.stderr
     scrape = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9200/metrics').read().decode())"
-    for service in ("superlink", "serverapp", *ORGS):
+    # An organisation's endpoint is its SuperNode container's, relayed to its ClientApp container's exporter.
+    for service in ("superlink", "serverapp", *(f"{org}-supernode" for org in ORGS)):
         text = compose(stack, "exec", "-T", service, "python", "-c", scrape)
         assert text.returncode == 0 and "fedlora_" in text.stdout, (service, text.stderr)
         lint = compose(stack, "exec", "-T", "prometheus", "promtool", "check", "metrics", input=text.stdout)
         assert lint.returncode == 0, (service, lint.stdout + lint.stderr)
+
+
+PROCESSES = r"""
+import json, os
+out = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").split("\0")
+        uid = int(next(l for l in open(f"/proc/{pid}/status") if l.startswith("Uid:")).split()[1])
+    except (OSError, StopIteration):
+        continue
+    out.append({"pid": int(pid), "uid": uid, "cmd": [c for c in cmd if c]})
+print(json.dumps(out))
+"""
+
+
+def test_the_runs_code_ran_only_in_the_clientapp_container(stack, run):
+    """The SuperNode container (node key, network) ran none of the run's code; the warm trainer that
+    did lives in the ClientApp container, as the unprivileged user, and watches the SuperExec, so it
+    ends with it (and with the container, whose processes all end with it)."""
+    def processes(service: str) -> list[dict]:
+        result = compose(stack, "exec", "-T", service, "python", "-c", PROCESSES)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    for org in ORGS:
+        node = processes(f"{org}-supernode")
+        assert not [p for p in node if any("flwr-clientapp" in c or "app.trainer" in c for c in p["cmd"])], node
+        assert any(any(c.endswith("flower-supernode") for c in p["cmd"]) for p in node), node
+        app = processes(f"{org}-clientapp")
+        superexec = next(p for p in app if any(c.endswith("flower-superexec") for c in p["cmd"][:2]))
+        trainers = [p for p in app if "app.trainer" in p["cmd"]]
+        assert trainers, f"{org}: no warm trainer in its ClientApp container after the run: {app}"
+        for trainer in trainers:
+            assert trainer["uid"] == superexec["uid"] == 10001, (trainer, superexec)
+            watched = int(trainer["cmd"][trainer["cmd"].index("--watch-pid") + 1])
+            assert watched == superexec["pid"], (trainer, superexec)
 
 
 # --- A fourth organisation joins from its own Compose project, by the documented steps ---------
@@ -305,7 +345,8 @@ def test_an_organisation_joins_from_its_own_host_through_the_join_kit(stack, run
     # published gateway port, as it would over the Internet.
     env = stack["env"] | {"ORG": org, "SUPERLINK_ADDRESS": f"{JOIN_HOST}:{stack['port']}",
                           "ORG_DATA_DIR": str(root / "data" / org), "FEDERATION_CA": str(root / "certs" / "ca.pem"),
-                          "NODE_KEYS_DIR": str(root / "certs" / "nodes")}
+                          "NODE_KEYS_DIR": str(root / "certs" / "nodes"),
+                          "JOIN_PROJECT": f"{stack['env']['COMPOSE_PROJECT_NAME']}-{org}"}
     env.pop("COMPOSE_PROJECT_NAME")
 
     def make(*args: str) -> subprocess.CompletedProcess:
