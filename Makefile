@@ -216,7 +216,7 @@ demo: certs build $(FLWR_CLI) ## Demo without a model hub: tiny model, 3 demo or
 	@echo; echo "Outputs of the demo run (on this host):"; \
 	echo "  final adapter:  outputs/demo/final/pytorch_lora_weights.safetensors"; \
 	echo "  sample grids:   outputs/demo/rounds/round-*/samples.png"; \
-	echo "  metrics:        outputs/demo/metrics.jsonl"; \
+	echo "  metrics:        outputs/demo/metrics.jsonl, outputs/demo/losses.png"; \
 	echo "The stack is still up: \`make ps\`, \`make logs\`; \`make down\` stops it."
 
 register-org: $(FLWR_CLI) ## Let an organisation join: register its node key under its name (ORG=clinic-a KEY=clinic-a.pub)
