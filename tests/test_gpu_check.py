@@ -1,0 +1,60 @@
+"""`make gpu-check` (docker/gpu_check.sh), which `make up-gpu` and `make join-gpu` run before building a
+5.8 GB image. No GPU here: `docker` and `nvidia-smi` are stand-ins on PATH that answer as a host would
+(Docker's runtimes as `docker info` prints them, the driver version as nvidia-smi's CSV query prints
+it), and record every call, so the tests also see that nothing was built after a failed check."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WITH_NVIDIA = '{"io.containerd.runc.v2":{"path":"runc"},"nvidia":{"path":"nvidia-container-runtime"},"runc":{"path":"runc"}}'
+WITHOUT_NVIDIA = '{"io.containerd.runc.v2":{"path":"runc"},"runc":{"path":"runc"}}'
+
+
+def host(tmp_path: Path, runtimes: str, driver: str | None) -> dict:
+    """PATH with a `docker` that knows `runtimes` and, unless driver is None, an `nvidia-smi` of that driver."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "docker").write_text(
+        f"#!/bin/sh\necho \"docker $*\" >> {calls}\n"
+        f"if [ \"$1\" = info ]; then echo '{runtimes}'; fi\n")
+    if driver is not None:
+        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho \"nvidia-smi $*\" >> {calls}\nprintf '{driver}\\n{driver}\\n'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "CALLS": str(calls)}
+
+
+def gpu_check(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "docker/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_ready_host_passes(tmp_path):
+    result = gpu_check(host(tmp_path, WITH_NVIDIA, "580.65.06"))
+    assert result.returncode == 0, result.stderr
+    assert "ok     runtime" in result.stdout and "NVIDIA driver 580.65.06, 2 GPU(s)" in result.stdout
+
+
+@pytest.mark.parametrize(("runtimes", "driver", "says"), [
+    (WITHOUT_NVIDIA, "580.65.06", "nvidia-ctk runtime configure --runtime=docker"),
+    (WITH_NVIDIA, "570.124.06", "NVIDIA driver 570.124.06 is older than 580"),
+    (WITH_NVIDIA, None, "no nvidia-smi on this host: install NVIDIA's driver, 580 series or newer"),
+], ids=["no-nvidia-runtime", "driver-570", "no-driver"])
+def test_a_host_that_cannot_run_the_cuda_image_is_told_what_to_install(tmp_path, runtimes, driver, says):
+    result = gpu_check(host(tmp_path, runtimes, driver))
+    assert result.returncode == 1 and says in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("target", ["up-gpu", "join-check-gpu", "join-gpu"])
+def test_gpu_targets_check_the_host_before_they_build(tmp_path, target):
+    env = host(tmp_path, WITH_NVIDIA, "550.54.15")
+    result = subprocess.run(["make", target, "ORG=clinic-a"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "older than 580" in result.stderr, result.stdout + result.stderr
+    calls = Path(env["CALLS"]).read_text()
+    assert "build" not in calls and "compose" not in calls, calls
