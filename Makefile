@@ -23,7 +23,7 @@ COMPOSE ?= docker compose
 COMPOSE_GPU ?= $(COMPOSE) -f compose.yaml -f compose.gpu.yaml
 # `make up-gpu` leaves this git-ignored file behind and `make up` removes it, so that down, ps, logs
 # and clean cover the overlay that started the stack (its dcgm-exporter included).
-STACK_STATE := .stack-gpu
+STACK_STATE ?= .stack-gpu
 COMPOSE_STACK = $(if $(wildcard $(STACK_STATE)),$(COMPOSE_GPU),$(COMPOSE))
 # Extra names/IPs the SuperLink certificate must cover, for organisations that reach it from afar.
 SANS ?=

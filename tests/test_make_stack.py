@@ -1,5 +1,5 @@
-"""`make gpu-check` (docker/gpu_check.sh), which `make up-gpu` and `make join-gpu` run before building a
-5.8 GB image. No GPU here: `docker` and `nvidia-smi` are stand-ins on PATH that answer as a host would
+"""The stack's make targets where a mistake costs: `make gpu-check` (docker/gpu_check.sh), which `make up-gpu`
+and `make join-gpu` run before building a 5.8 GB image; down/ps/logs after a GPU stack; `make clean`. No GPU here: `docker` and `nvidia-smi` are stand-ins on PATH that answer as a host would
 (Docker's runtimes as `docker info` prints them, the driver version as nvidia-smi's CSV query prints
 it), and record every call, so the tests also see that nothing was built after a failed check."""
 
@@ -58,3 +58,34 @@ def test_gpu_targets_check_the_host_before_they_build(tmp_path, target):
     assert result.returncode != 0 and "older than 580" in result.stderr, result.stdout + result.stderr
     calls = Path(env["CALLS"]).read_text()
     assert "build" not in calls and "compose" not in calls, calls
+
+
+# --- the stack's other targets: which overlay, and what clean deletes ----------------------------
+
+def test_down_ps_and_logs_cover_the_overlay_that_started_the_stack(tmp_path):
+    """After `make up-gpu` (which leaves STACK_STATE behind) they include compose.gpu.yaml and with it the
+    DCGM exporter; after `make up` they do not."""
+    state = tmp_path / "stack-gpu"
+    for target in ("down", "ps", "logs"):
+        cpu = subprocess.run(["make", "-n", target, f"STACK_STATE={state}"], cwd=REPO, capture_output=True, text=True)
+        assert "docker compose" in cpu.stdout and "compose.gpu.yaml" not in cpu.stdout, cpu.stdout
+        state.touch()
+        gpu = subprocess.run(["make", "-n", target, f"STACK_STATE={state}"], cwd=REPO, capture_output=True, text=True)
+        assert "-f compose.yaml -f compose.gpu.yaml" in gpu.stdout, gpu.stdout
+        state.unlink()
+    up_gpu = subprocess.run(["make", "-n", "up-gpu", f"STACK_STATE={state}"], cwd=REPO, capture_output=True, text=True)
+    assert f"touch {state}" in up_gpu.stdout
+
+
+def test_clean_says_what_it_deletes_and_deletes_nothing_unconfirmed(tmp_path):
+    env = host(tmp_path, WITHOUT_NVIDIA, None)
+    outputs = tmp_path / "outputs"
+    (outputs / "run").mkdir(parents=True)
+    result = subprocess.run(["make", "clean", f"OUTPUTS_DIR={outputs}"], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "make clean CONFIRM=1" in result.stderr, result.stderr
+    assert "Deletes: the stack's volumes" in result.stdout and str(outputs) in result.stdout
+    assert (outputs / "run").is_dir() and not Path(env["CALLS"]).exists()
+    confirmed = subprocess.run(["make", "-n", "clean", "CONFIRM=1", f"OUTPUTS_DIR={outputs}"], cwd=REPO,
+                               capture_output=True, text=True)
+    assert "down --volumes" in confirmed.stdout and f'rm -rf "{outputs}"' in confirmed.stdout
