@@ -54,7 +54,7 @@ def test_a_host_that_cannot_run_the_cuda_image_is_told_what_to_install(tmp_path,
 @pytest.mark.parametrize("target", ["up-gpu", "join-check-gpu", "join-gpu"])
 def test_gpu_targets_check_the_host_before_they_build(tmp_path, target):
     env = host(tmp_path, WITH_NVIDIA, "550.54.15")
-    result = subprocess.run(["make", target, "ORG=clinic-a"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(["make", target, "ORG=clinic-a", f"STACK_STATE={tmp_path / 'stack-gpu'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "older than 580" in result.stderr, result.stdout + result.stderr
     calls = Path(env["CALLS"]).read_text()
     assert "build" not in calls and "compose" not in calls, calls
@@ -89,3 +89,12 @@ def test_clean_says_what_it_deletes_and_deletes_nothing_unconfirmed(tmp_path):
     confirmed = subprocess.run(["make", "-n", "clean", "CONFIRM=1", f"OUTPUTS_DIR={outputs}"], cwd=REPO,
                                capture_output=True, text=True)
     assert "down --volumes" in confirmed.stdout and f'rm -rf "{outputs}"' in confirmed.stdout
+
+
+def test_make_up_says_when_alerts_reach_nobody():
+    def up(**env):
+        return subprocess.run(["make", "-n", "up"], cwd=REPO, capture_output=True, text=True,
+                              env={k: v for k, v in os.environ.items() if not k.startswith("ALERT_")} | env).stdout
+    assert "Alerts: no receiver configured" in up()  # the shipped .env
+    assert "Alerts: no receiver configured" not in up(ALERT_WEBHOOK_URL="http://127.0.0.1:9/hook")
+    assert "Alerts: no receiver configured" not in up(ALERT_EMAIL_TO="ops@example.org")
