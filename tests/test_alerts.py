@@ -12,6 +12,8 @@ sets (ALERT_WEBHOOK_URL, ALERT_GROUP_WAIT, ...), and restored afterwards. The ru
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import time
 
@@ -105,3 +107,43 @@ def test_a_stopped_node_alerts_the_webhook_and_its_return_resolves_it(stack, rec
         compose(stack, "start", ORG)
         alertmanager_with(stack, {})
     assert compose(stack, "up", "-d", "--wait", ORG).returncode == 0
+
+
+def alertmanager_image() -> str:
+    shipped = re.search(r"^ALERTMANAGER_IMAGE=(.+)$", (REPO / ".env").read_text(), re.M).group(1)
+    return os.environ.get("ALERTMANAGER_IMAGE") or shipped
+
+
+@pytest.mark.parametrize(("settings", "receivers"), [
+    ({}, []),
+    ({"ALERT_WEBHOOK_URL": "https://hooks.example.org/fedlora"}, ["webhook_configs"]),
+    ({"ALERT_EMAIL_TO": "ops@example.org", "ALERT_EMAIL_FROM": "fedlora@example.org",
+      "ALERT_SMTP_SMARTHOST": "mail.example.org:587"}, ["email_configs"]),
+], ids=["none", "webhook", "e-mail"])
+def test_alertmanager_accepts_the_configuration_it_writes_from_env(settings, receivers):
+    """docker/alertmanager/start.sh in the stack's Alertmanager image: amtool accepts what it writes, with
+    the receivers .env asks for, and it says so when there is none."""
+    image = alertmanager_image()
+    if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode:
+        pytest.skip(f"no {image} here (make local-images builds a stand-in)")
+    env = {"ALERT_GROUP_WAIT": "30s", "ALERT_GROUP_INTERVAL": "5m", "ALERT_REPEAT_INTERVAL": "4h", **settings}
+    check = 'sh -c "$(sed \'s/^exec alertmanager .*/cat "$conf"; exec amtool check-config "$conf"/\' /start.sh)"'
+    result = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
+         "-v", f"{REPO / 'docker/alertmanager/start.sh'}:/start.sh:ro", *[a for k, v in env.items() for a in ("-e", f"{k}={v}")],
+         "--entrypoint", "sh", image, "-c", check], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+    assert [r for r in ("webhook_configs", "email_configs") if r in result.stdout] == receivers
+    assert ("no receiver configured" in result.stderr) == (not receivers)
+
+
+def test_alertmanager_refuses_a_setting_that_would_break_its_configuration():
+    image = alertmanager_image()
+    if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode:
+        pytest.skip(f"no {image} here (make local-images builds a stand-in)")
+    result = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
+         "-v", f"{REPO / 'docker/alertmanager/start.sh'}:/start.sh:ro", "-e", 'ALERT_WEBHOOK_URL=http://x/"', "-e",
+         "ALERT_GROUP_WAIT=30s", "-e", "ALERT_GROUP_INTERVAL=5m", "-e", "ALERT_REPEAT_INTERVAL=4h",
+         "--entrypoint", "sh", image, "/start.sh"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "ALERT_WEBHOOK_URL holds a quote" in result.stderr, result.stderr
