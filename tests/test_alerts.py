@@ -88,6 +88,15 @@ def wait_for(name: str, status: str, timeout: float) -> dict:
                 f"it received: {notifications(name)}")
 
 
+def start_node(stack) -> None:
+    """`docker start` the stopped SuperNode: unlike `docker compose start`, it does not first re-check the
+    SuperLink's health, which a loaded machine can miss for a moment without the node caring."""
+    container = compose(stack, "ps", "-aq", ORG).stdout.strip()
+    assert container, f"no container for {ORG}"
+    started = subprocess.run(["docker", "start", container], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr
+
+
 def test_a_stopped_node_alerts_the_webhook_and_its_return_resolves_it(stack, receiver):
     started = time.monotonic()
     alertmanager_with(stack, FAST_ALERTS)
@@ -99,14 +108,13 @@ def test_a_stopped_node_alerts_the_webhook_and_its_return_resolves_it(stack, rec
         assert firing["annotations"]["summary"] == f"Organisation {ORG}: node offline"
         assert "make join-logs" in firing["annotations"]["description"]
 
-        assert compose(stack, "start", ORG).returncode == 0
-        wait_for(receiver, "resolved", timeout=300)
+        start_node(stack)
+        wait_for(receiver, "resolved", timeout=300)  # fedlora_node_up{org} is 1 again: the node is back
         print(f"firing {fired - stopped:.0f} s after the node stopped; resolved {time.monotonic() - fired:.0f} s "
               f"after it was started again; {time.monotonic() - started:.0f} s in all")
     finally:
-        compose(stack, "start", ORG)
+        start_node(stack)
         alertmanager_with(stack, {})
-    assert compose(stack, "up", "-d", "--wait", ORG).returncode == 0
 
 
 def alertmanager_image() -> str:
