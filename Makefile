@@ -21,6 +21,10 @@ TOOL = docker run --rm --user $(HOST_UID):$(HOST_GID) --entrypoint python
 CERTS_TOOL = $(TOOL) -v "$(CURDIR)/certs/certs.py:/tool/certs.py:ro" -e SANS="$(SANS)"
 COMPOSE ?= docker compose
 COMPOSE_GPU ?= $(COMPOSE) -f compose.yaml -f compose.gpu.yaml
+# `make up-gpu` leaves this git-ignored file behind and `make up` removes it, so that down, ps, logs
+# and clean cover the overlay that started the stack (its dcgm-exporter included).
+STACK_STATE ?= .stack-gpu
+COMPOSE_STACK = $(if $(wildcard $(STACK_STATE)),$(COMPOSE_GPU),$(COMPOSE))
 # Extra names/IPs the SuperLink certificate must cover, for organisations that reach it from afar.
 SANS ?=
 # Files the ServerApp writes on the host belong to you, not to root or a container uid.
@@ -28,12 +32,17 @@ export HOST_UID ?= $(shell id -u)
 export HOST_GID ?= $(shell id -g)
 # Compose profiles, as in .env unless set in the environment. With "demo", three demo
 # organisations run on this host; `make certs` makes their node keys and `make up` registers them.
+# The shipped .env has no "demo": `make demo` adds it for itself (target-specific, below).
 COMPOSE_PROFILES ?= $(shell sed -n 's/^COMPOSE_PROFILES=//p' .env)
 export COMPOSE_PROFILES
 comma := ,
 space := $(subst ,, )
-DEMO_ORGS := $(if $(filter demo,$(subst $(comma),$(space),$(COMPOSE_PROFILES))),org-1 org-2 org-3)
-COORDINATOR_PROFILES := $(subst $(space),$(comma),$(filter-out demo,$(subst $(comma),$(space),$(COMPOSE_PROFILES))))
+# Recursive (=), so that `make demo`'s own COMPOSE_PROFILES reaches its prerequisites.
+DEMO_ORGS = $(if $(filter demo,$(subst $(comma),$(space),$(COMPOSE_PROFILES))),org-1 org-2 org-3)
+COORDINATOR_PROFILES = $(subst $(space),$(comma),$(filter-out demo,$(subst $(comma),$(space),$(COMPOSE_PROFILES))))
+# Where alerts go (.env): a stack with neither gets told so at `make up`.
+ALERT_WEBHOOK_URL ?= $(shell sed -n 's/^ALERT_WEBHOOK_URL=//p' .env)
+ALERT_EMAIL_TO ?= $(shell sed -n 's/^ALERT_EMAIL_TO=//p' .env)
 # Where `flwr` keeps its connections; `make up` adds the `remote-federation` one there.
 FLWR_CONFIG = $(or $(FLWR_HOME),$(HOME)/.flwr)/config.toml
 RUN_CONFIG ?=
@@ -58,7 +67,7 @@ SIM_RUN_CONFIG ?= base-model="$(CURDIR)/models/tiny-sd" sim-data-dir="$(CURDIR)/
 
 .PHONY: help install test test-fast bench bench-train compare tiny-model demo-data partition clean-venv certs rotate-certs check-certs build outputs fetch-model \
 	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs \
-	simulation-config simulate
+	simulation-config simulate gpu-check
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -126,7 +135,7 @@ simulate: install simulation-config ## Try the app without Docker (not a deploym
 
 # --- The Compose stack ----------------------------------------------------------------------
 
-certs: ## Create/renew the CA, the SuperLink certificate, the SuperExec secret (and the demo organisations' node keys and secrets) in certs/ (SANS="fl.example.org 203.0.113.7")
+certs: ## Create/renew the CA, the SuperLink certificate, the SuperExec secret and Grafana's password in certs/ (SANS="fl.example.org 203.0.113.7"); demo node keys and secrets only for `make demo`
 	$(COMPOSE) build superlink
 	$(CERTS_TOOL) -v "$(abspath $(CERTS_DIR)):/certs" $(IMAGE_PREFIX)/superlink:$(IMAGE_TAG) \
 		/tool/certs.py generate --dir /certs
@@ -135,9 +144,9 @@ certs: ## Create/renew the CA, the SuperLink certificate, the SuperExec secret (
 # The SuperLink and the gateway load server.pem when they start (docker/entrypoint.sh copies the
 # secrets then): a renewed certificate is served only after both restart. Nodes reconnect by
 # themselves (a SuperLink restart with --database keeps their registrations and runs).
-rotate-certs: certs ## Renew the server certificate (as `make certs`) and restart the SuperLink and the gateway to serve it
-	$(COMPOSE) restart superlink gateway
-	$(COMPOSE) up -d --wait --no-deps --no-recreate superlink gateway
+rotate-certs: certs ## Renew the server certificate (as `make certs`, SANS too) and restart the SuperLink and the gateway, which both serve it
+	$(COMPOSE_STACK) restart superlink gateway
+	$(COMPOSE_STACK) up -d --wait --no-deps --no-recreate superlink gateway
 
 check-certs:
 	@$(CERTS_TOOL) -v "$(abspath $(CERTS_DIR)):/certs:ro" $(IMAGE_PREFIX)/superlink:$(IMAGE_TAG) \
@@ -164,8 +173,8 @@ fetch-model: ## Download a base model for runs with base-model="ID" into MODELS_
 		$(IMAGE_PREFIX)/app:$(IMAGE_TAG) -c "import sys; from diffusers import DiffusionPipeline; \
 		print('fetched', sys.argv[1], 'into', DiffusionPipeline.download(sys.argv[1]).replace('/models', '$(MODELS_DIR)', 1))" "$(MODEL)"
 
-local-images: ## Build nginx and Prometheus from Debian's packages where their images cannot be pulled (then GATEWAY_IMAGE=fedlora/gateway-debian:local PROMETHEUS_IMAGE=fedlora/prometheus-debian:local)
-	for part in gateway prometheus; do \
+local-images: ## Build nginx, Prometheus and Alertmanager from Debian's packages where their images cannot be pulled (then GATEWAY_IMAGE=fedlora/gateway-debian:local PROMETHEUS_IMAGE=fedlora/prometheus-debian:local ALERTMANAGER_IMAGE=fedlora/alertmanager-debian:local)
+	for part in gateway prometheus alertmanager; do \
 		docker build --network $${BUILD_NETWORK:-default} --build-arg BASE_IMAGE=$${BASE_IMAGE:-debian:bookworm-slim} \
 			-t fedlora/$$part-debian:local docker/$$part || exit 1; done
 
@@ -176,15 +185,23 @@ define start_stack
 	@$(MAKE) --no-print-directory flwr-config
 	@for org in $(DEMO_ORGS); do $(ORGS_TOOL) ensure $$org "$(CERTS_DIR)/nodes/$$org.pub" || exit 1; done
 	$(1) up -d --wait
+	@$(if $(ALERT_WEBHOOK_URL)$(ALERT_EMAIL_TO),,echo "Alerts: no receiver configured, so alerts reach nobody: set ALERT_WEBHOOK_URL or ALERT_EMAIL_TO in .env, then \`make up\` (docs/monitoring.md)." >&2)
+	@echo "Run training with \`make run\`, or: $(FLWR_CLI) run . remote-federation --stream$(if $(filter .venv-cli/%,$(FLWR_CLI)), (flwr is not on your PATH: export PATH=\"$(CURDIR)/.venv-cli/bin:\$$PATH\" to type plain flwr))"
 endef
 
 up: build check-certs outputs $(FLWR_CLI) ## Start the federation on this host (CPU), wait until healthy, add the `remote-federation` connection
+	@if [ -f $(STACK_STATE) ]; then echo "The stack was started with the GPU overlay: \`make down\` first (or \`make up-gpu\`)." >&2; exit 1; fi
 	$(call start_stack,$(COMPOSE))
 
+# Before a 5.8 GB build: Docker's NVIDIA runtime and a driver new enough for the CUDA image.
+gpu-check: ## Check this host for GPU work: Docker's NVIDIA runtime, an NVIDIA driver new enough for the CUDA image (580+)
+	@bash docker/gpu_check.sh
+
 ALLOW_SHARED_GPUS ?= $(shell sed -n 's/^ALLOW_SHARED_GPUS=//p' .env)
-up-gpu: check-certs outputs $(FLWR_CLI) ## Same on a GPU host: CUDA images, each organisation on its own GPUs (.env; NVIDIA Container Toolkit)
+up-gpu: gpu-check check-certs outputs $(FLWR_CLI) ## Same on a GPU host: CUDA images, each organisation on its own GPUs (.env; NVIDIA Container Toolkit, driver 580+)
 	@set -o pipefail; $(COMPOSE_GPU) config --format json | ALLOW_SHARED_GPUS=$(ALLOW_SHARED_GPUS) python3 docker/gpu_plan.py
 	$(COMPOSE_GPU) build superlink serverapp
+	@touch $(STACK_STATE)
 	$(call start_stack,$(COMPOSE_GPU))
 
 flwr-config: ## Point `flwr run . remote-federation` at this stack's operator listener (in $FLWR_HOME, default ~/.flwr)
@@ -205,6 +222,8 @@ endef
 run: $(FLWR_CLI) ## Start a training run and follow it: flwr run . remote-federation (RUN_CONFIG='num-server-rounds=10 ...')
 	$(call submit_run,$(RUN_CONFIG))
 
+# The demo turns its own profile on, for itself and its prerequisites (certs: the demo node keys).
+demo: export COMPOSE_PROFILES := $(if $(filter demo,$(subst $(comma),$(space),$(COMPOSE_PROFILES))),$(COMPOSE_PROFILES),$(if $(COMPOSE_PROFILES),$(COMPOSE_PROFILES)$(comma))demo)
 demo: certs build $(FLWR_CLI) ## Demo without a model hub: tiny model, 3 demo organisations, a 2-round SecAgg+ run over TLS; leaves the stack up
 	mkdir -p models data
 	$(TOOL) -w /src -v "$(CURDIR)/app:/src/app:ro" -v "$(CURDIR)/models:/models" -v "$(CURDIR)/data:/data" \
@@ -215,7 +234,7 @@ demo: certs build $(FLWR_CLI) ## Demo without a model hub: tiny model, 3 demo or
 	@echo; echo "Outputs of the demo run (on this host):"; \
 	echo "  final adapter:  outputs/demo/final/pytorch_lora_weights.safetensors"; \
 	echo "  sample grids:   outputs/demo/rounds/round-*/samples.png"; \
-	echo "  metrics:        outputs/demo/metrics.jsonl"; \
+	echo "  metrics:        outputs/demo/metrics.jsonl, outputs/demo/losses.png"; \
 	echo "The stack is still up: \`make ps\`, \`make logs\`; \`make down\` stops it."
 
 register-org: $(FLWR_CLI) ## Let an organisation join: register its node key under its name (ORG=clinic-a KEY=clinic-a.pub)
@@ -230,31 +249,40 @@ orgs: $(FLWR_CLI) ## List the registered organisations and whether their node is
 	@$(ORGS_TOOL) list
 
 logs: ## Follow the stack's logs
-	$(COMPOSE) logs -f --tail=100
+	$(COMPOSE_STACK) logs -f --tail=100
 
 ps: ## Show the stack's services and their health
-	$(COMPOSE) ps
+	$(COMPOSE_STACK) ps
 
 down: ## Stop the stack; state, caches, certificates and outputs are kept
-	$(COMPOSE) down
+	$(COMPOSE_STACK) down
+	@rm -f $(STACK_STATE)
 
-clean: ## Stop the stack, delete its volumes (SuperLink state and registrations, caches), outputs/ and the demo's model; keeps certs/ and data/
-	@echo "Deleting: the stack's volumes (SuperLink state with the organisations' registrations, model and latent caches), ./outputs, ./models/tiny-sd."
-	@echo "Keeping: ./certs (the federation's CA, node keys) and ./data (organisations' images)."
-	$(COMPOSE) down --volumes --remove-orphans
-	rm -rf outputs models/tiny-sd
+CONFIRM ?=
+clean: ## Stop the stack and delete its volumes (SuperLink state and registrations, caches, metrics), outputs/ and the demo's model, after asking (CONFIRM=1: without asking); keeps certs/ and data/
+	@echo "Deletes: the stack's volumes (SuperLink state with the organisations' registrations, model and latent caches, Prometheus and Grafana data), $(OUTPUTS_DIR), ./models/tiny-sd."
+	@echo "Keeps:   $(CERTS_DIR) (the federation's CA, node keys) and $(DATA_DIR) (organisations' images)."
+	@if [ "$(CONFIRM)" != 1 ]; then \
+		if [ -t 0 ]; then read -r -p "Delete them? [y/N] " answer; [ "$$answer" = y ] || [ "$$answer" = Y ] || { echo "Nothing deleted."; exit 1; }; \
+		else echo "Nothing deleted: confirm with \`make clean CONFIRM=1\`." >&2; exit 1; fi; fi
+	$(COMPOSE_STACK) down --volumes --remove-orphans
+	@rm -f $(STACK_STATE)
+	rm -rf "$(OUTPUTS_DIR)" models/tiny-sd
 
 # --- An organisation joining from its own host ----------------------------------------------
 # One SuperNode for one organisation (docker/join/README.md). Settings: docker/join/.env
 # (defaults), docker/join/org.env (yours, git-ignored), then the shell or `make ... VAR=value`.
 
-.PHONY: org-key join-check join join-gpu join-down join-logs
+.PHONY: org-key join-check join-check-gpu join join-gpu join-down join-logs join-monitoring join-monitoring-down
 
 ORG ?= $(shell sed -n 's/^ORG=//p' docker/join/org.env 2>/dev/null)
+PROMETHEUS_IMAGE ?= $(shell sed -n 's/^PROMETHEUS_IMAGE=//p' .env)
+GRAFANA_IMAGE ?= $(shell sed -n 's/^GRAFANA_IMAGE=//p' .env)
 JOIN_ORG_ENV := $(wildcard docker/join/org.env)
 # Image names as the coordinator's stack builds them (.env); join settings from docker/join/.
 JOIN_PROJECT ?= fedlora-$(ORG)
-COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) $(COMPOSE) -p $(JOIN_PROJECT) --env-file docker/join/.env \
+COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) PROMETHEUS_IMAGE=$(PROMETHEUS_IMAGE) GRAFANA_IMAGE=$(GRAFANA_IMAGE) \
+	$(COMPOSE) -p $(JOIN_PROJECT) --env-file docker/join/.env \
 	$(if $(JOIN_ORG_ENV),--env-file $(JOIN_ORG_ENV)) -f docker/join/compose.yaml
 COMPOSE_JOIN_GPU = $(COMPOSE_JOIN) -f docker/join/compose.gpu.yaml
 
@@ -276,13 +304,32 @@ join-check: ## Check everything this organisation's node needs, in its own conta
 join: join-check ## Join the federation: preflight, then start this organisation's node (SuperNode + ClientApp containers) and wait until healthy
 	$(COMPOSE_JOIN) up -d --wait $(JOIN_NODE)
 
-join-gpu: ## Same on a GPU host: the CUDA image and NODE_GPU for the ClientApp container (NVIDIA Container Toolkit)
+join-check-gpu: gpu-check ## The same checks on a GPU host: NVIDIA runtime and driver, then the CUDA image's preflight, whose GPU line checks NODE_GPU
 	$(COMPOSE_JOIN_GPU) build $(JOIN_NODE)
 	$(COMPOSE_JOIN_GPU) run --rm preflight
+
+join-gpu: join-check-gpu ## Same on a GPU host: the CUDA image and NODE_GPU for the ClientApp container (NVIDIA Container Toolkit, driver 580+)
 	$(COMPOSE_JOIN_GPU) up -d --wait $(JOIN_NODE)
 
-join-down: ## Stop this organisation's node (it leaves the federation at once); its cache is kept
-	$(COMPOSE_JOIN) down
+join-down: ## Stop this organisation's node (it leaves the federation at once) and its monitoring; its cache is kept
+	$(COMPOSE_JOIN) --profile monitoring down --remove-orphans
+
+# Grafana's admin password for the organisation's own monitoring (0600, git-ignored), made in the
+# node's image so the host needs no Python.
+docker/join/grafana.env:
+	@umask 077; docker run --rm --entrypoint python $(IMAGE_PREFIX)/app:$(IMAGE_TAG) \
+		-c "import secrets; print('GF_SECURITY_ADMIN_PASSWORD=' + secrets.token_urlsafe(18))" > $@.tmp && mv $@.tmp $@
+	@echo "created $@ (Grafana's admin password)"
+
+join-monitoring: ## This organisation's own monitoring: Prometheus scraping its node (and GPUs under GPU=1), Grafana's Organisation dashboard, on 127.0.0.1 only
+	$(COMPOSE_JOIN) build clientapp
+	@$(MAKE) --no-print-directory docker/join/grafana.env
+	$(if $(GPU),$(COMPOSE_JOIN_GPU),$(COMPOSE_JOIN)) --profile monitoring up -d --wait prometheus grafana $(if $(GPU),dcgm-exporter)
+	@echo "Grafana: http://$$($(COMPOSE_JOIN) --profile monitoring port grafana 3000) (user admin, password in docker/join/grafana.env)," \
+		"Organisation dashboard; Prometheus: http://$$($(COMPOSE_JOIN) --profile monitoring port prometheus 9090)"
+
+join-monitoring-down: ## Stop this organisation's monitoring; the node keeps running
+	$(COMPOSE_JOIN_GPU) --profile monitoring rm --stop --force prometheus grafana dcgm-exporter
 
 join-logs: ## Follow this organisation's node's logs (both containers)
 	$(COMPOSE_JOIN) logs -f --tail=100 $(JOIN_NODE)

@@ -78,10 +78,15 @@ def compose_stack(project: str, images_per_org: int | list[int] = 16, **env_over
         print(logs.stdout[-20000:])
         subprocess.run(["docker", "compose", "down", "--volumes", "--remove-orphans"], cwd=REPO, env=env,
                        capture_output=True, timeout=300)
-        subprocess.run(["docker", "run", "--rm", "-v", f"{root}:/r", "--entrypoint", "rm",
-                        f"{env.get('IMAGE_PREFIX', 'fedlora')}/superlink:{env.get('IMAGE_TAG', '0.1.0')}",
+        subprocess.run(["docker", "run", "--rm", "-v", f"{root}:/r", "--entrypoint", "rm", superlink_image(),
                         "-rf", "/r/outputs"], capture_output=True)  # written by the container's user
         shutil.rmtree(root, ignore_errors=True)
+
+
+def superlink_image() -> str:
+    """The stack's superlink image, named as compose.yaml names it (IMAGE_PREFIX/IMAGE_TAG: the shell's, else .env's)."""
+    shipped = dict(line.split("=", 1) for line in (REPO / ".env").read_text().splitlines() if "=" in line and line[0] != "#")
+    return f"{os.environ.get('IMAGE_PREFIX') or shipped['IMAGE_PREFIX']}/superlink:{os.environ.get('IMAGE_TAG') or shipped['IMAGE_TAG']}"
 
 
 def compose(stack, *args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -47,11 +47,21 @@ def compose_config(*files: str, env: dict | None = None) -> dict:
 
 
 FEDERATION = ("superlink", "gateway", "serverapp", *SUPERNODES, *SILOS)
+# The demo organisations run only where asked for (`make demo`, the tests' stack, CI).
+DEMO = {"COMPOSE_PROFILES": "grafana,demo"}
+
+
+@pytest.mark.parametrize("files", [("compose.yaml",), ("compose.yaml", "compose.gpu.yaml")], ids=["cpu", "gpu"])
+def test_the_shipped_settings_start_no_demo_organisation(files):
+    """A fresh clone's `make up` / `make up-gpu`: no demo SuperNode, no GPU given to one, no demo key read."""
+    config = compose_config(*files)
+    assert not set(config["services"]) & {*SUPERNODES, *SILOS}, sorted(config["services"])
+    assert not {name for name in config.get("secrets", {}) if name.startswith("org-")}
 
 
 def test_cpu_stack_shape():
-    services = compose_config("compose.yaml")["services"]
-    assert set(services) == {*FEDERATION, "prometheus", "grafana"}
+    services = compose_config("compose.yaml", env=DEMO)["services"]
+    assert set(services) == {*FEDERATION, "prometheus", "alertmanager", "grafana"}
     for name, svc in services.items():
         assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
         assert "ALL" in svc["cap_drop"] and "no-new-privileges:true" in svc["security_opt"], name
@@ -69,7 +79,7 @@ def test_cpu_stack_shape():
     assert [p["target"] for p in services["gateway"]["ports"]] == [8443]
     # The SuperLink (with its open Control API) shares no network with any organisation's node.
     assert set(superlink["networks"]) == {"coordinator"} and set(services["gateway"]["networks"]) == {"coordinator", "fleet"}
-    secret_files = {name: secret["file"] for name, secret in compose_config("compose.yaml")["secrets"].items()}
+    secret_files = {name: secret["file"] for name, secret in compose_config("compose.yaml", env=DEMO)["secrets"].items()}
     for org in ORGS:
         node, app = services[f"{org}-supernode"], services[f"{org}-clientapp"]
         # The SuperNode: the key, the network to the gateway; no data, no models, no caches, no app code.
@@ -99,6 +109,10 @@ def test_cpu_stack_shape():
     assert outputs["type"] == "bind" and outputs["source"].endswith("outputs")
 
 
+def compose_secret_file(name: str) -> str:
+    return compose_config("compose.yaml", env=DEMO)["secrets"][name]["file"]
+
+
 def test_grafana_refuses_to_start_without_its_password(tmp_path):
     # Without certs/grafana.env Grafana would start with admin/admin on the first request.
     result = run_compose_config("compose.yaml", certs=tmp_path)
@@ -106,7 +120,7 @@ def test_grafana_refuses_to_start_without_its_password(tmp_path):
 
 
 def test_gpu_overlay_gives_every_clientapp_container_a_gpu_and_a_cuda_image():
-    services = compose_config("compose.yaml", "compose.gpu.yaml")["services"]
+    services = compose_config("compose.yaml", "compose.gpu.yaml", env=DEMO)["services"]
     cpu_base = compose_config("compose.yaml")["services"]["serverapp"]["build"]["args"]["BASE_IMAGE"]
     for name in (*SILOS, "serverapp"):
         svc = services[name]
@@ -138,7 +152,7 @@ def gpu_ids(services: dict) -> dict[str, list[str]]:
 
 def test_gpu_placement_by_default_is_what_env_states():
     """Each organisation on its own GPU; the ServerApp on GPU 0, shared with org-1, as .env says."""
-    config = compose_config("compose.yaml", "compose.gpu.yaml")
+    config = compose_config("compose.yaml", "compose.gpu.yaml", env=DEMO)
     assert gpu_ids(config["services"]) == {"org-1": ["0"], "org-2": ["1"], "org-3": ["2"], "serverapp": ["0"]}
     env = (REPO / ".env").read_text()
     assert "SERVERAPP_GPU=0\n" in env and "shares\n# with org-1" in env and "ALLOW_SHARED_GPUS=0\n" in env
@@ -149,7 +163,7 @@ def test_gpu_placement_by_default_is_what_env_states():
 
 def test_two_organisations_on_one_gpu_are_refused_unless_the_operator_allows_it():
     """ORG1_GPU=0,1 alone would leave org-2 on GPU 1 too: refused, saying how to move the others."""
-    shared = compose_config("compose.yaml", "compose.gpu.yaml", env={"ORG1_GPU": "0,1"})
+    shared = compose_config("compose.yaml", "compose.gpu.yaml", env=DEMO | {"ORG1_GPU": "0,1"})
     refused = gpu_plan(shared)
     assert refused.returncode == 1
     assert "GPU 1 is given to org-1 and org-2" in refused.stderr and "ORG2_GPU=2 ORG3_GPU=3" in refused.stderr
@@ -160,7 +174,7 @@ def test_gpu_overlay_gives_an_organisation_several_gpus():
     """ORG1_GPU=0,1 with the others moved: Docker's nvidia driver joins device_ids with commas into
     NVIDIA_VISIBLE_DEVICES, so ["0,1"] is GPUs 0 and 1; NCCL between them needs more /dev/shm than
     Docker's default 64 MB."""
-    config = compose_config("compose.yaml", "compose.gpu.yaml", env={"ORG1_GPU": "0,1", "ORG2_GPU": "2", "ORG3_GPU": "3"})
+    config = compose_config("compose.yaml", "compose.gpu.yaml", env=DEMO | {"ORG1_GPU": "0,1", "ORG2_GPU": "2", "ORG3_GPU": "3"})
     services = config["services"]
     assert gpu_ids(services) == {"org-1": ["0,1"], "org-2": ["2"], "org-3": ["3"], "serverapp": ["0"]}
     assert all(int(services[s]["shm_size"]) >= 2**30 for s in SILOS)
@@ -177,3 +191,56 @@ def test_dockerfile_passes_hadolint():
 def test_no_secret_or_generated_file_is_tracked():
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     assert not [f for f in tracked if f.endswith((".key", ".pem", ".secret", ".safetensors", ".db"))]
+
+
+def test_alerts_go_through_alertmanager_with_settings_from_env():
+    """Prometheus sends to Alertmanager; its receivers and grouping intervals come from .env alone."""
+    import yaml
+
+    prometheus = yaml.safe_load((REPO / "docker/prometheus/prometheus.yml").read_text())
+    assert prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    shipped = dict(line.split("=", 1) for line in (REPO / ".env").read_text().splitlines() if "=" in line and line[0] != "#")
+    env = compose_config("compose.yaml")["services"]["alertmanager"]["environment"]
+    for key in ("ALERT_GROUP_WAIT", "ALERT_GROUP_INTERVAL", "ALERT_REPEAT_INTERVAL", "ALERT_WEBHOOK_URL", "ALERT_EMAIL_TO"):
+        assert env[key] == shipped[key], key
+    assert compose_config("compose.yaml", env={"ALERT_GROUP_WAIT": "2s"})["services"]["alertmanager"]["environment"][
+        "ALERT_GROUP_WAIT"] == "2s"
+    # No second default hides behind .env: without it, Compose says which setting is missing.
+    with tempfile.TemporaryDirectory() as certs:
+        (Path(certs) / "grafana.env").write_text("GF_SECURITY_ADMIN_PASSWORD=test\n")
+        result = run_compose_config("compose.yaml", certs=Path(certs), env={"COMPOSE_DISABLE_ENV_FILE": "1"})
+    assert result.returncode != 0 and "ALERT_GROUP_WAIT" in result.stderr
+
+
+def test_an_organisations_own_monitoring_stays_on_its_loopback():
+    """`make join-monitoring`: Prometheus scrapes the organisation's node (and its GPUs), Grafana shows
+    the Organisation dashboard; both only on 127.0.0.1, on the node's own network, and off by default."""
+    import yaml
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "ORG"))} | {
+        "ORG": "clinic-a", "SUPERLINK_ADDRESS": "fl.example.org:8000", "ORG_DATA_DIR": "/srv/images"}
+    password = REPO / "docker/join/grafana.env"
+    made = not password.exists()
+    if made:
+        password.write_text("GF_SECURITY_ADMIN_PASSWORD=test\n")
+    try:
+        def config(*args):
+            result = subprocess.run(["docker", "compose", "--env-file", "docker/join/.env", "-f", "docker/join/compose.yaml",
+                                     "-f", "docker/join/compose.gpu.yaml", *args, "config", "--format", "json"],
+                                    cwd=REPO, env=env, capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr
+            return json.loads(result.stdout)["services"]
+        assert set(config()) == {"node"}
+        services = config("--profile", "monitoring")
+    finally:
+        if made:
+            password.unlink()
+    assert set(services) == {"node", "prometheus", "grafana", "dcgm-exporter"}
+    for name in ("prometheus", "grafana", "dcgm-exporter"):
+        assert set(services[name]["networks"]) == {"node"}, name
+        assert all(port["host_ip"] == "127.0.0.1" for port in services[name].get("ports", [])), name
+    assert not services["dcgm-exporter"].get("ports")
+    mounts = {v["target"]: v["source"] for v in services["grafana"]["volumes"]}
+    assert mounts["/var/lib/grafana/dashboards/organisation.json"].endswith("docker/grafana/dashboards/organisation.json")
+    scrape = yaml.safe_load((REPO / "docker/join/prometheus.yml").read_text())["scrape_configs"]
+    assert scrape[0]["static_configs"][0]["targets"] == ["node:9200"]
