@@ -236,7 +236,10 @@ clean: ## Stop the stack, delete its volumes (SuperLink state and registrations,
 ORG ?= $(shell sed -n 's/^ORG=//p' docker/join/org.env 2>/dev/null)
 JOIN_ORG_ENV := $(wildcard docker/join/org.env)
 # Image names as the coordinator's stack builds them (.env); join settings from docker/join/.
-COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) $(COMPOSE) -p fedlora-$(ORG) --env-file docker/join/.env \
+# This organisation's approved app bundles (docs/approval.md); git-ignored.
+JOIN_APPROVAL_DIR ?= docker/join/approval
+COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) APPROVAL_DIR="$(abspath $(JOIN_APPROVAL_DIR))" \
+	$(COMPOSE) -p fedlora-$(ORG) --env-file docker/join/.env \
 	$(if $(JOIN_ORG_ENV),--env-file $(JOIN_ORG_ENV)) -f docker/join/compose.yaml
 COMPOSE_JOIN_GPU = $(COMPOSE_JOIN) -f docker/join/compose.gpu.yaml
 
@@ -253,7 +256,7 @@ PINNED_COMMIT ?= $(shell sed -n 's/^PINNED_COMMIT=//p' docker/join/org.env 2>/de
 NODE_IMAGE ?= $(shell sed -n 's/^NODE_IMAGE=//p' docker/join/org.env 2>/dev/null)
 export NODE_IMAGE
 join-pin:
-	@mkdir -p docker/join/approval
+	@mkdir -p "$(JOIN_APPROVAL_DIR)"
 	@if [ -n "$(NODE_IMAGE)" ]; then \
 		case "$(NODE_IMAGE)" in *@sha256:*) ;; *) echo "NODE_IMAGE=$(NODE_IMAGE) names no digest: pin the image you reviewed, NAME@sha256:..." >&2; exit 1 ;; esac; \
 	elif [ -n "$(PINNED_COMMIT)" ]; then \
@@ -282,13 +285,13 @@ join-logs: ## Follow this organisation's SuperNode's logs
 
 # --- App bundles an organisation approves (docs/approval.md) -----------------------------------
 # The node runs only bundles whose SHA-256 is in its approved list: the join kit's in
-# docker/join/approval/ (git-ignored); DEMO=1 for the demo silos' ($(DEMO_APPROVAL_DIR)).
+# JOIN_APPROVAL_DIR (docker/join/approval/, git-ignored); DEMO=1 for the demo silos' (DEMO_APPROVAL_DIR).
 # FAB: a .fab file, an app directory, or the SHA-256 of a bundle the node refused (copied from
 # the node's cache into APPROVAL_DIR/refused/ first).
 
 .PHONY: bundle review-bundle approve-bundle revoke-bundle approved-bundles
 
-APPROVAL_DIR = $(if $(DEMO),$(DEMO_APPROVAL_DIR),docker/join/approval)
+APPROVAL_DIR = $(if $(DEMO),$(DEMO_APPROVAL_DIR),$(JOIN_APPROVAL_DIR))
 BUNDLES_TOOL = python3 docker/bundles.py --approval-dir "$(APPROVAL_DIR)"
 # The container that runs this organisation's ClientApp, and where it keeps the bundles it refused.
 REFUSED_BUNDLES = $(if $(DEMO),$(COMPOSE) cp org-1,$(COMPOSE_JOIN) cp node):/cache/bundles/refused

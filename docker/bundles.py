@@ -102,7 +102,8 @@ def _text(data: bytes) -> list[str] | None:
         return None
 
 
-def review(content: bytes, source: str, approval: Path, out=sys.stdout) -> None:
+def review(content: bytes, source: str, approval: Path, out=None) -> None:
+    out = out or sys.stdout
     sha = hashlib.sha256(content).hexdigest()
     current = files(content)
     hashes = approved(approval)

@@ -65,11 +65,13 @@ class LocalFederation:
     """SuperNode authentication is on, as in the Compose stack: every node has its own key,
     registered under its organisation's name with docker/orgs.py (what `make register-org` runs)."""
 
-    def __init__(self, workdir: Path, certs: Path, nodes: dict[str, dict], threads_per_node: int = 1) -> None:
+    def __init__(self, workdir: Path, certs: Path, nodes: dict[str, dict], threads_per_node: int = 1,
+                 node_env: dict[str, dict[str, str]] | None = None) -> None:
         self.workdir, self.certs, self.nodes = workdir, certs, nodes
         # Several CPU nodes share this machine's cores: torch's default of one thread per core in
         # every node oversubscribes them many times over.
         self.node_env = {"OMP_NUM_THREADS": str(threads_per_node)}
+        self.node_envs = node_env or {}  # more environment, by node name
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.flwr_home = workdir / "flwr-home"
@@ -116,19 +118,21 @@ class LocalFederation:
                               timeout=120)
 
     def start_supernode(self, name: str, root_certificates: Path | None = None, key: Path | None = None,
-                        register_as: str | None = None, register: bool = True) -> subprocess.Popen:
-        """Node `name` with its own key (or `key`), first registered as its org (or `register_as`)."""
+                        register_as: str | None = None, register: bool = True,
+                        command: list[str] | None = None) -> subprocess.Popen:
+        """Node `name` with its own key (or `key`), first registered as its org (or `register_as`);
+        `command` instead of flower-supernode (its arguments follow)."""
         key = key or self.key(name)
         if register:
             org = register_as or self.nodes[name]["org"]
             ensured = self.orgs("ensure", org, str(key.with_suffix(".pub")))
             assert ensured.returncode == 0, ensured.stdout + ensured.stderr
         return self._spawn(name, [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            *(command or [str(BIN / "flower-supernode")]), "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(root_certificates or self.certs / "ca.pem"),
             "--auth-supernode-private-key", str(key),
             "--port", str(free_port()), "--node-config", kv(self.nodes[name]), "--max-retries", "3",
-        ], env=self.node_env)
+        ], env=self.node_env | self.node_envs.get(name, {}))
 
     def __enter__(self) -> LocalFederation:
         self.workdir.mkdir(parents=True, exist_ok=True)
