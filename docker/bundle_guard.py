@@ -34,10 +34,12 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 # The command an organisation runs to approve; APPROVE_HINT_ARGS adds to it where the list is not the
 # join kit's (the demo's silos).
 APPROVE_COMMAND = "make approve-bundle FAB={sha256}"
-# The SuperExec's commands that run a bundle's code on a node (tests/test_approval.py pins the list).
-COMMANDS = ("flwr-clientapp", "flwr-agentapp")
-# Where Flower's task processes turn a received bundle into code (both call install_from_fab).
-GUARDED_MODULES = ("flwr.supernode.runtime.run_clientapp", "flwr.supercore.task_process.agent.run_agentapp")
+# The SuperExec's commands that run a bundle's code on a node, and the module of each where Flower
+# turns the received bundle into code (install_from_fab). tests/test_approval.py pins both.
+GUARDED_MODULES = {"flwr-clientapp": "flwr.supernode.runtime.run_clientapp",
+                   "flwr-agentapp": "flwr.supercore.task_process.agent.run_agentapp"}
+COMMANDS = tuple(GUARDED_MODULES)
+HOME_PREFIX = "fedlora-app-"
 
 
 class BundleRefused(RuntimeError):
@@ -130,11 +132,22 @@ def _remove(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def install_guard(guard: Guard) -> list[object]:
-    """Put the guard where Flower's ClientApp and AgentApp processes install and read bundles;
-    returns the modules changed."""
+def _sweep(tmp: Path) -> None:
+    """Remove the install homes of processes that ended without removing theirs (killed)."""
+    for home in tmp.glob(f"{HOME_PREFIX}*-*"):
+        try:
+            os.kill(int(home.name[len(HOME_PREFIX):].split("-")[0]), 0)
+        except ProcessLookupError:
+            _remove(home)
+        except (ValueError, PermissionError, OSError):
+            pass
+
+
+def install_guard(guard: Guard, commands=COMMANDS) -> list[object]:
+    """Put the guard where Flower's processes for `commands` install and read bundles; returns the
+    modules changed."""
     # By module path: the packages re-export the functions under the same names.
-    modules = [importlib.import_module(name) for name in GUARDED_MODULES]
+    modules = [importlib.import_module(GUARDED_MODULES[c]) for c in commands]
     for module in modules:
         module.fab_from_proto = guard.fab_from_proto(module.fab_from_proto)
         module.install_from_fab = guard.install
@@ -155,15 +168,17 @@ def main(argv: list[str]) -> None:
     command, args = argv[0], argv[1:]
     from flwr.cli.install import install_from_fab
 
-    home = Path(tempfile.mkdtemp(prefix="fedlora-app-"))
+    entry = entry_point(command)
+    _sweep(Path(tempfile.gettempdir()))
+    home = Path(tempfile.mkdtemp(prefix=f"{HOME_PREFIX}{os.getpid()}-"))
     try:
         os.environ["FLWR_HOME"] = str(home)  # Flower reads it at each install and load
         # Set in the image (docker/Dockerfile); unset, nothing is approved.
         approved = Path(os.environ.get("APPROVED_BUNDLES", "/nonexistent/approved-bundles.txt"))
         refused = os.environ.get("REFUSED_BUNDLES_DIR")
-        install_guard(Guard(install_from_fab, approved, Path(refused) if refused else None, home))
+        install_guard(Guard(install_from_fab, approved, Path(refused) if refused else None, home), [command])
         sys.argv = [command, *args]
-        entry_point(command)()
+        entry()
     finally:
         _remove(home)
 

@@ -248,7 +248,7 @@ def test_every_flower_caller_of_install_from_fab_on_a_node_is_guarded():
     assert callers == {"supernode/runtime/run_clientapp.py", "supercore/task_process/agent/run_agentapp.py",
                        "superlink/runtime/run_serverapp.py", "simulation/app.py", "cli/install.py",
                        "cli/app_cmd/review.py", "compat/client/app.py"}
-    assert {m.replace(".", "/") + ".py" for m in bundle_guard.GUARDED_MODULES} == {
+    assert {m.replace(".", "/") + ".py" for m in bundle_guard.GUARDED_MODULES.values()} == {
         "flwr/supernode/runtime/run_clientapp.py", "flwr/supercore/task_process/agent/run_agentapp.py"}
 
 
@@ -297,11 +297,16 @@ def test_flower_installs_and_loads_under_flwr_home_read_at_each_call(tmp_path, m
 def test_the_wrappers_run_flowers_own_entry_points(tmp_path):
     env = os.environ | {"PATH": f"{REPO / 'docker' / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
                         "TMPDIR": str(tmp_path)}
+    # An install home left by a process that was killed is removed by the next one; a live one's stays.
+    (tmp_path / "fedlora-app-999999999-x" / "apps").mkdir(parents=True)
+    (tmp_path / "fedlora-app-999999999-x").chmod(0o555)
+    (tmp_path / f"fedlora-app-{os.getpid()}-y").mkdir()
     for command in bundle_guard.COMMANDS:
         assert shutil.which(command, path=env["PATH"]) == str(REPO / "docker" / "bin" / command)
         out = subprocess.run([command, "--help"], env=env, capture_output=True, text=True)
         assert out.returncode == 0 and out.stdout.startswith(f"usage: {command} "), out.stderr
-    assert list(tmp_path.iterdir()) == []  # each process's install home is gone with it
+    # Each process's install home is gone with it.
+    assert [p.name for p in tmp_path.iterdir()] == [f"fedlora-app-{os.getpid()}-y"]
 
 
 def test_the_app_image_puts_the_wrappers_first_on_path():
