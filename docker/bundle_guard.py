@@ -92,30 +92,32 @@ class Guard:
             self._refuse(content, sha, f"{org} refused app bundle sha256:{sha}: its bytes do not match the hash "
                                        f"stated for it ({mismatched[0]}). None of its code ran")
         if sha not in approved_hashes(self.approved):
-            approve = APPROVE_COMMAND.format(sha256=sha) + " ".join(["", *os.environ.get("APPROVE_HINT_ARGS", "").split()])
-            self._refuse(content, sha, f"{org} refused app bundle sha256:{sha}: not in its approved list "
-                                       f"({self.approved}). None of its code ran. The bundle is kept on the node for "
-                                       f"review; to let it run, the organisation runs `{approve}`")
+            approve = " ".join([APPROVE_COMMAND.format(sha256=sha), *os.environ.get("APPROVE_HINT_ARGS", "").split()])
+            self._refuse(content, sha, f"{org} refused app bundle sha256:{sha}: not in its approved list. None of its "
+                                       "code ran; the bundle is kept on the node for review. To let it run, the "
+                                       f"organisation runs `{approve}`", f"approved list: {self.approved}")
         path = self._install(content, install_dir=install_dir, skip_prompt=skip_prompt)
         _read_only(self.home)
         _log(f"app bundle sha256:{sha} is approved; installed afresh in {path}")
         return path
 
-    def _refuse(self, content: bytes, sha: str, why: str):
+    def _refuse(self, content: bytes, sha: str, why: str, local: str = ""):
+        """Keep the bundle and raise `why`, which reaches the coordinator; paths go to this node's log only."""
+        notes = [local] if local else []
         if self.refused_dir is None:
-            _log(why + " (not kept: REFUSED_BUNDLES_DIR is not set)")
-            raise BundleRefused(why)
-        kept = self.refused_dir / f"{sha}.fab"
-        try:
-            if not kept.exists():
-                self.refused_dir.mkdir(parents=True, exist_ok=True)
-                tmp = kept.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(content)
-                tmp.replace(kept)
-            why += f" (kept in {kept})"
-        except OSError as err:
-            why += f" (could not keep it in {kept}: {err})"
-        _log(why)
+            notes.append("not kept: REFUSED_BUNDLES_DIR is not set")
+        else:
+            kept = self.refused_dir / f"{sha}.fab"
+            try:
+                if not kept.exists():
+                    self.refused_dir.mkdir(parents=True, exist_ok=True)
+                    tmp = kept.with_suffix(f".{os.getpid()}.tmp")
+                    tmp.write_bytes(content)
+                    tmp.replace(kept)
+                notes.append(f"kept in {kept}")
+            except OSError as err:
+                notes.append(f"could not keep it in {kept}: {err}")
+        _log(f"{why} ({'; '.join(notes)})")
         raise BundleRefused(why)
 
 

@@ -91,13 +91,16 @@ def flwr_home(tmp_path, monkeypatch):
 
 # --- The guard, with Flower's installer and real bundles -----------------------------------------
 
-def test_an_unapproved_bundle_is_refused_kept_and_never_installed(tmp_path, flwr_home, shipped, modified):
+def test_an_unapproved_bundle_is_refused_kept_and_never_installed(tmp_path, flwr_home, shipped, modified, capsys):
     g, home = guard(tmp_path, approved=[sha(shipped)], stated=[sha(modified)])
     with pytest.raises(bundle_guard.BundleRefused) as refused:
         g.install(modified, skip_prompt=True)
-    message = str(refused.value)
+    message = str(refused.value)  # what reaches the coordinator
     assert BUNDLE_REFUSED + sha(modified) in message  # what the ServerApp's admission recognises
     assert f"make approve-bundle FAB={sha(modified)}" in message
+    assert str(tmp_path) not in message  # the node's paths stay in its own log
+    log = capsys.readouterr().err
+    assert message in log and str(tmp_path / "refused" / f"{sha(modified)}.fab") in log
     assert list(home.iterdir()) == []  # nothing of it on disk to import
     assert (tmp_path / "refused" / f"{sha(modified)}.fab").read_bytes() == modified
 
