@@ -336,12 +336,10 @@ def _tampering_supernode(replacement: Path) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-@pytest.mark.federation
-def test_only_bundles_every_organisation_approved_run(tmp_path, tls, tiny_model, demo_data):
+def _federation_settings(tmp_path: Path, tiny_model: Path, demo_data: Path):
+    """Three organisations, each with its own approved list and refused-bundle folder, their SuperNodes
+    with the wrappers first on PATH (as the app image has them); a one-round run on the tiny model."""
     orgs = {f"n{i}": {"org": f"org-{i}", "data-dir": str(demo_data / f"org-{i}")} for i in (1, 2, 3)}
-    marker = tmp_path / "marker"
-    modified_dir = app_tree(tmp_path / "modified-app", marker=marker)
-    modified = fab_of(modified_dir)
     approval = {name: tmp_path / "approval" / cfg["org"] for name, cfg in orgs.items()}
     node_env = {name: {"PATH": f"{REPO / 'docker' / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
                        "ORG": cfg["org"], "APPROVED_BUNDLES": str(approval[name] / "approved-bundles.txt"),
@@ -352,9 +350,19 @@ def test_only_bundles_every_organisation_approved_run(tmp_path, tls, tiny_model,
 
     def run(fed: LocalFederation, app_dir: Path) -> tuple[str, str]:
         """How the run ended, and its ServerApp's log."""
-        result = fed.flwr("run", str(app_dir), "local", "--stream", "--run-config", kv(config), timeout=600)
+        result = fed.flwr("run", str(app_dir), "local", "--stream", "--run-config", kv(config), timeout=900)
         print(result.stdout[-3000:], result.stderr[-2000:])
         return fed.last_run_status(), result.stdout
+
+    return orgs, approval, node_env, run
+
+
+@pytest.mark.federation
+def test_only_bundles_every_organisation_approved_run(tmp_path, tls, tiny_model, demo_data):
+    orgs, approval, node_env, run = _federation_settings(tmp_path, tiny_model, demo_data)
+    marker = tmp_path / "marker"
+    modified_dir = app_tree(tmp_path / "modified-app", marker=marker)
+    modified = fab_of(modified_dir)
 
     with LocalFederation(tmp_path / "fed", tls, orgs, node_env=node_env) as fed:
         # 1. Nobody approved the modified bundle: every organisation refuses it, and none of it runs.
@@ -377,17 +385,33 @@ def test_only_bundles_every_organisation_approved_run(tmp_path, tls, tiny_model,
         assert run(fed, modified_dir)[0] == "finished:completed"
         assert marker.read_text() == "the bundle ran"
 
-        # 3. org-3's node hands its ClientApp other bytes under an approved hash: refused, though both
-        # bundles are approved. The shipped app's hash is the stated one; the bytes are the modified app's.
-        marker.unlink()
-        shipped = fab_of(app_tree(tmp_path / "shipped-app"))
+
+@pytest.mark.federation
+def test_a_node_refuses_bytes_that_do_not_match_the_hash_stated_for_them(tmp_path, tls, tiny_model, demo_data):
+    """org-3's SuperNode hands its ClientApp the modified app's bytes under the shipped app's hash: refused,
+    though both bundles are approved there."""
+    orgs, approval, node_env, run = _federation_settings(tmp_path, tiny_model, demo_data)
+    marker = tmp_path / "marker"
+    modified = fab_of(app_tree(tmp_path / "modified-app", marker=marker))
+    shipped_dir = app_tree(tmp_path / "shipped-app")
+    for content in (fab_of(shipped_dir), modified):
+        (tmp_path / "x.fab").write_bytes(content)
         for name in orgs:
-            (tmp_path / "shipped.fab").write_bytes(shipped)
-            bundles.main(["--approval-dir", str(approval[name]), "approve", str(tmp_path / "shipped.fab")])
-        (tmp_path / "modified.fab").write_bytes(modified)
-        fed.procs["n3"].terminate()
-        fed.procs["n3"].wait(timeout=30)
-        fed.start_supernode("n3", command=_tampering_supernode(tmp_path / "modified.fab"))
-        assert run(fed, tmp_path / "shipped-app")[0] != "finished:completed"
-        assert (f"do not match the hash stated for it ({sha(shipped)})") in fed.log("n3")
+            bundles.main(["--approval-dir", str(approval[name]), "approve", str(tmp_path / "x.fab")])
+    shipped = fab_of(shipped_dir)
+    (tmp_path / "modified.fab").write_bytes(modified)
+
+    class Tampered(LocalFederation):
+        def start_supernode(self, name, **kwargs):
+            if name == "n3":
+                kwargs["command"] = _tampering_supernode(tmp_path / "modified.fab")
+            return super().start_supernode(name, **kwargs)
+
+    with Tampered(tmp_path / "fed", tls, orgs, node_env=node_env) as fed:
+        status, serverapp = run(fed, shipped_dir)
+        log = fed.log("n3")
+        assert f"org-3 refused app bundle sha256:{sha(modified)}: its bytes do not match the hash stated for it " \
+               f"({sha(shipped)})" in log, log[-4000:]
+        assert "org-3 refused app bundle" in serverapp
+        assert status != "finished:completed"
         assert not marker.exists()
