@@ -236,10 +236,11 @@ clean: ## Stop the stack, delete its volumes (SuperLink state and registrations,
 ORG ?= $(shell sed -n 's/^ORG=//p' docker/join/org.env 2>/dev/null)
 JOIN_ORG_ENV := $(wildcard docker/join/org.env)
 # Image names as the coordinator's stack builds them (.env); join settings from docker/join/.
+JOIN_PROJECT ?= fedlora-$(ORG)
 # This organisation's approved app bundles (docs/approval.md); git-ignored.
 JOIN_APPROVAL_DIR ?= docker/join/approval
 COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) APPROVAL_DIR="$(abspath $(JOIN_APPROVAL_DIR))" \
-	$(COMPOSE) -p fedlora-$(ORG) --env-file docker/join/.env \
+	$(COMPOSE) -p $(JOIN_PROJECT) --env-file docker/join/.env \
 	$(if $(JOIN_ORG_ENV),--env-file $(JOIN_ORG_ENV)) -f docker/join/compose.yaml
 COMPOSE_JOIN_GPU = $(COMPOSE_JOIN) -f docker/join/compose.gpu.yaml
 

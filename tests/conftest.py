@@ -72,5 +72,7 @@ def stack():
     containers reach the gateway through this host, as from afar."""
     from stack import JOIN_HOST, compose_stack
 
-    with compose_stack("fedlora-e2e", SUPERLINK_BIND="0.0.0.0", SANS=JOIN_HOST) as s:
+    # FEDLORA_STACK_PROJECT: another project name, where several stacks share one engine.
+    with compose_stack(os.environ.get("FEDLORA_STACK_PROJECT", "fedlora-e2e"), SUPERLINK_BIND="0.0.0.0",
+                       SANS=JOIN_HOST) as s:
         yield s

@@ -296,7 +296,8 @@ def test_an_organisation_joins_from_its_own_host_through_the_join_kit(stack, run
         assert found, refused.stdout[-4000:]
         bundle = found[1]
         assert f"make approve-bundle FAB={bundle}" in refused.stdout
-        node = subprocess.run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project=fedlora-{org}",
+        project = env.get("JOIN_PROJECT", f"fedlora-{org}")
+        node = subprocess.run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
                                "--filter", "label=com.docker.compose.service=node"], capture_output=True, text=True).stdout.split()
         node_log = subprocess.run(["docker", "logs", node[0]], capture_output=True, text=True)
         assert f"[bundle approval] {org} refused app bundle sha256:{bundle}" in node_log.stdout + node_log.stderr
