@@ -156,7 +156,7 @@ local-images: ## Build nginx and Prometheus from Debian's packages where their i
 # The coordinator first; then the demo organisations, whose keys must be registered before their
 # SuperNodes start (an unregistered node is refused and exits).
 define start_stack
-	@$(if $(DEMO_ORGS),$(FLWR_PY) docker/bundles.py --approval-dir "$(DEMO_APPROVAL_DIR)" approve . --note "make up: this checkout, for the demo silos")
+	@$(if $(DEMO_ORGS),$(FLWR_PY) docker/bundles.py --approval-dir "$(DEMO_APPROVAL_DIR)" approve . --note "make up: this checkout for the demo silos")
 	COMPOSE_PROFILES="$(COORDINATOR_PROFILES)" $(1) up -d --wait
 	@$(MAKE) --no-print-directory flwr-config
 	@for org in $(DEMO_ORGS); do $(ORGS_TOOL) ensure $$org "$(CERTS_DIR)/nodes/$$org.pub" || exit 1; done
