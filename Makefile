@@ -56,6 +56,9 @@ $(FLWR_CLI): pyproject.toml
 endif
 # docker/orgs.py runs with the flwr CLI's own Python: it uses Flower's Control API client.
 ORGS_TOOL = $$(sed -n '1s/^\#!//p' $(FLWR_CLI)) docker/orgs.py remote-federation
+FLWR_PY = $$(sed -n '1s/^\#!//p' $(FLWR_CLI))
+# The demo silos' approved app bundles (docs/approval.md); `make up` approves this checkout's there.
+DEMO_APPROVAL_DIR ?= $(or $(shell sed -n 's/^DEMO_APPROVAL_DIR=//p' .env),./demo-approval)
 # The offline demo: the tiny random model and synthetic data that `make demo` writes.
 DEMO_SETTINGS := resolution=32 num-server-rounds=2 local-steps=20 learning-rate=1e-3 heldout-fraction=0.25 sample-steps=4
 DEMO_RUN_CONFIG ?= base-model="/models/tiny-sd" output-dir="/outputs/demo" $(DEMO_SETTINGS)
@@ -181,6 +184,7 @@ local-images: ## Build nginx, Prometheus and Alertmanager from Debian's packages
 # The coordinator first; then the demo organisations, whose keys must be registered before their
 # SuperNodes start (an unregistered node is refused and exits).
 define start_stack
+	@$(if $(DEMO_ORGS),$(FLWR_PY) docker/bundles.py --approval-dir "$(DEMO_APPROVAL_DIR)" approve . --note "make up: this checkout for the demo silos")
 	COMPOSE_PROFILES="$(COORDINATOR_PROFILES)" $(1) up -d --wait
 	@$(MAKE) --no-print-directory flwr-config
 	@for org in $(DEMO_ORGS); do $(ORGS_TOOL) ensure $$org "$(CERTS_DIR)/nodes/$$org.pub" || exit 1; done
@@ -273,7 +277,7 @@ clean: ## Stop the stack and delete its volumes (SuperLink state and registratio
 # One SuperNode for one organisation (docker/join/README.md). Settings: docker/join/.env
 # (defaults), docker/join/org.env (yours, git-ignored), then the shell or `make ... VAR=value`.
 
-.PHONY: org-key join-check join-check-gpu join join-gpu join-down join-logs join-monitoring join-monitoring-down
+.PHONY: org-key join-pin join-check join-check-gpu join join-gpu join-down join-logs join-monitoring join-monitoring-down
 
 ORG ?= $(shell sed -n 's/^ORG=//p' docker/join/org.env 2>/dev/null)
 PROMETHEUS_IMAGE ?= $(shell sed -n 's/^PROMETHEUS_IMAGE=//p' .env)
@@ -281,7 +285,10 @@ GRAFANA_IMAGE ?= $(shell sed -n 's/^GRAFANA_IMAGE=//p' .env)
 JOIN_ORG_ENV := $(wildcard docker/join/org.env)
 # Image names as the coordinator's stack builds them (.env); join settings from docker/join/.
 JOIN_PROJECT ?= fedlora-$(ORG)
-COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) PROMETHEUS_IMAGE=$(PROMETHEUS_IMAGE) GRAFANA_IMAGE=$(GRAFANA_IMAGE) \
+# This organisation's approved app bundles (docs/approval.md); git-ignored.
+JOIN_APPROVAL_DIR ?= docker/join/approval
+COMPOSE_JOIN = IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) APPROVAL_DIR="$(abspath $(JOIN_APPROVAL_DIR))" \
+	PROMETHEUS_IMAGE=$(PROMETHEUS_IMAGE) GRAFANA_IMAGE=$(GRAFANA_IMAGE) \
 	$(COMPOSE) -p $(JOIN_PROJECT) --env-file docker/join/.env \
 	$(if $(JOIN_ORG_ENV),--env-file $(JOIN_ORG_ENV)) -f docker/join/compose.yaml
 COMPOSE_JOIN_GPU = $(COMPOSE_JOIN) -f docker/join/compose.gpu.yaml
@@ -297,15 +304,30 @@ org-key: ## Create this organisation's node key pair certs/nodes/ORG.key (0600) 
 # (the run's code, the images, no key, no network).
 JOIN_NODE := supernode clientapp
 
-join-check: ## Check everything this organisation's node needs, in its own container (docker/join/org.env)
-	$(COMPOSE_JOIN) build $(JOIN_NODE)
+# The node's image is the coordinator's code: build it from the commit you reviewed (PINNED_COMMIT in
+# org.env), or run an image by the digest you reviewed (NODE_IMAGE=...@sha256:...).
+PINNED_COMMIT ?= $(shell sed -n 's/^PINNED_COMMIT=//p' docker/join/org.env 2>/dev/null)
+NODE_IMAGE ?= $(shell sed -n 's/^NODE_IMAGE=//p' docker/join/org.env 2>/dev/null)
+export NODE_IMAGE
+join-pin:
+	@mkdir -p "$(JOIN_APPROVAL_DIR)"
+	@if [ -n "$(NODE_IMAGE)" ]; then \
+		case "$(NODE_IMAGE)" in *@sha256:*) ;; *) echo "NODE_IMAGE=$(NODE_IMAGE) names no digest: pin the image you reviewed, NAME@sha256:..." >&2; exit 1 ;; esac; \
+	elif [ -n "$(PINNED_COMMIT)" ]; then \
+		head=$$(git rev-parse HEAD) || exit 1; \
+		[ "$$head" = "$$(git rev-parse --verify -q '$(PINNED_COMMIT)^{commit}')" ] || { echo "This checkout is $$head, not PINNED_COMMIT=$(PINNED_COMMIT) that you reviewed: \`git checkout $(PINNED_COMMIT)\` (or review this one and pin it)." >&2; exit 1; }; \
+		git diff --quiet HEAD -- . ':!docker/join' || { echo "The checkout differs from PINNED_COMMIT=$(PINNED_COMMIT) (git diff): the node image would not be the code you reviewed." >&2; exit 1; }; \
+	else echo "Note: nothing pinned. The node's image is built from this checkout as it is; pin the commit you reviewed (PINNED_COMMIT in docker/join/org.env, docs/approval.md)." >&2; fi
+
+join-check: join-pin ## Check everything this organisation's node needs, in its own container (docker/join/org.env)
+	$(if $(NODE_IMAGE),$(COMPOSE_JOIN) pull clientapp && $(COMPOSE_JOIN) build supernode,$(COMPOSE_JOIN) build $(JOIN_NODE))
 	$(COMPOSE_JOIN) run --rm preflight
 
 join: join-check ## Join the federation: preflight, then start this organisation's node (SuperNode + ClientApp containers) and wait until healthy
 	$(COMPOSE_JOIN) up -d --wait $(JOIN_NODE)
 
-join-check-gpu: gpu-check ## The same checks on a GPU host: NVIDIA runtime and driver, then the CUDA image's preflight, whose GPU line checks NODE_GPU
-	$(COMPOSE_JOIN_GPU) build $(JOIN_NODE)
+join-check-gpu: gpu-check join-pin ## The same checks on a GPU host: NVIDIA runtime and driver, then the CUDA image's preflight, whose GPU line checks NODE_GPU
+	$(if $(NODE_IMAGE),$(COMPOSE_JOIN_GPU) pull clientapp && $(COMPOSE_JOIN_GPU) build supernode,$(COMPOSE_JOIN_GPU) build $(JOIN_NODE))
 	$(COMPOSE_JOIN_GPU) run --rm preflight
 
 join-gpu: join-check-gpu ## Same on a GPU host: the CUDA image and NODE_GPU for the ClientApp container (NVIDIA Container Toolkit, driver 580+)
@@ -333,3 +355,42 @@ join-monitoring-down: ## Stop this organisation's monitoring; the node keeps run
 
 join-logs: ## Follow this organisation's node's logs (both containers)
 	$(COMPOSE_JOIN) logs -f --tail=100 $(JOIN_NODE)
+
+# --- App bundles an organisation approves (docs/approval.md) -----------------------------------
+# The node runs only bundles whose SHA-256 is in its approved list: the join kit's in
+# JOIN_APPROVAL_DIR (docker/join/approval/, git-ignored); DEMO=1 for the demo silos' (DEMO_APPROVAL_DIR).
+# FAB: a .fab file, an app directory, or the SHA-256 of a bundle the node refused (copied from
+# the node's cache into APPROVAL_DIR/refused/ first).
+
+.PHONY: bundle review-bundle approve-bundle revoke-bundle approved-bundles
+
+APPROVAL_DIR = $(if $(DEMO),$(DEMO_APPROVAL_DIR),$(JOIN_APPROVAL_DIR))
+BUNDLES_TOOL = python3 docker/bundles.py --approval-dir "$(APPROVAL_DIR)"
+# The container that runs this organisation's ClientApp, and where it keeps the bundles it refused.
+REFUSED_BUNDLES = $(if $(DEMO),$(COMPOSE_STACK) cp org-1-clientapp,$(COMPOSE_JOIN) cp clientapp):/cache/bundles/refused
+BUNDLE_OUT ?= build/bundle.fab
+
+define bundle_arg
+	@test -n "$(FAB)" || { echo "usage: make $@ FAB=<file.fab, app directory, or sha256 of a refused bundle> [DEMO=1]" >&2; exit 2; }
+	@if echo "$(FAB)" | grep -qxE '[0-9a-f]{64}' && [ ! -f "$(APPROVAL_DIR)/bundles/$(FAB).fab" ] \
+		&& [ ! -f "$(APPROVAL_DIR)/refused/$(FAB).fab" ]; then \
+		mkdir -p "$(APPROVAL_DIR)/refused" && $(REFUSED_BUNDLES)/$(FAB).fab "$(APPROVAL_DIR)/refused/$(FAB).fab" >/dev/null; fi
+endef
+
+bundle: $(FLWR_CLI) ## Build this checkout's app bundle as `flwr run .` submits it (build/bundle.fab) and print its SHA-256
+	@$(FLWR_PY) docker/bundles.py build . "$(BUNDLE_OUT)"
+
+review-bundle: ## Print a bundle's SHA-256, its files and its diff against the last approved one (FAB=file.fab|sha256 [DEMO=1])
+	$(call bundle_arg)
+	@$(BUNDLES_TOOL) review "$(FAB)"
+
+approve-bundle: ## Let this organisation's node run a bundle you reviewed (FAB=file.fab|sha256 [DEMO=1])
+	$(call bundle_arg)
+	@$(BUNDLES_TOOL) approve "$(FAB)"
+
+revoke-bundle: ## Stop this organisation's node running a bundle (FAB=sha256 [DEMO=1])
+	@test -n "$(FAB)" || { echo "usage: make revoke-bundle FAB=<sha256> [DEMO=1]" >&2; exit 2; }
+	@$(BUNDLES_TOOL) revoke "$(FAB)"
+
+approved-bundles: ## List the bundles this organisation's node may run ([DEMO=1])
+	@$(BUNDLES_TOOL) list

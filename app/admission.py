@@ -49,6 +49,9 @@ from .config import RunConfig
 SECAGG_MIN_PRIVATE = 3
 # A prepare reply, or a node that connects, is seen within this; each poll is two or three requests.
 POLL_SECONDS = 0.25
+# In the error of a node whose organisation has not approved this run's app bundle (docker/bundle_guard.py):
+# it will not run this code, so it is not asked again this run.
+BUNDLE_REFUSED = "refused app bundle sha256:"
 
 
 class RunFailed(RuntimeError):
@@ -140,7 +143,7 @@ class Admission:
             error = self._admit(nid, online[nid], msg)
             if error:
                 errors[nid] = error
-            else:
+            elif nid in self.proxies:
                 log(INFO, "prepare: %s answered in %.1f s", self.org_of.get(nid, online[nid]), time.monotonic() - sent)
         for error in errors.values():
             log(ERROR, "a node could not prepare its data: %s", error)
@@ -149,6 +152,9 @@ class Admission:
     def _admit(self, nid: int, org: str, msg: Message) -> str | None:
         """Admit a node from its prepare reply; returns the error if it could not prepare."""
         if msg.has_error():
+            if BUNDLE_REFUSED in msg.error.reason:
+                self._refuse(nid, f"{org}: {msg.error.reason}")
+                return None
             return f"{org}: {msg.error.reason}"
         res = compat.recorddict_to_getpropertiesres(msg.content)
         if res.status.code != Code.OK:

@@ -6,8 +6,10 @@ latent cache again: seconds on a CPU, more on a GPU, on every node in every roun
 ClientApp hands prepare, fit and evaluate to its organisation's trainer over a Unix socket in the
 node's cache directory, and starts that trainer when none answers:
 
-- The run's code trains. The ClientApp starts the trainer from the directory it was itself loaded
-  from (the run's app bundle). Every request carries the hash of the ClientApp's code and the
+- The run's code trains. The ClientApp starts the trainer from a copy of the directory it was itself
+  loaded from (the run's app bundle): the node installs each message's bundle afresh and removes
+  that install when the ClientApp exits (docker/bundle_guard.py), and the trainer and its workers
+  outlive it; the trainer deletes its copy when it exits. Every request carries the hash of the ClientApp's code and the
   trainer refuses one that differs from its own, so a trainer of other code is never used: the
   ClientApp replaces it. A ClientApp that starts a trainer tells its organisation's trainers of
   other code to exit.
@@ -45,11 +47,13 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from logging import ERROR, INFO, WARNING
@@ -68,6 +72,8 @@ START_TIMEOUT = 60.0
 POLL_SECONDS = 2.0
 # Seconds a trainer of other code gets to leave when asked, before it is killed.
 REPLACE_TIMEOUT = 10.0
+# Set in a trainer started from its own copy of the app (Connection._spawn): the folder it removes at exit.
+_COPY_ENV = "FEDLORA_TRAINER_APP_COPY"
 _LENGTHS = struct.Struct("!QQ")
 _MAX_HEADER = 64 * 2**20
 
@@ -340,14 +346,16 @@ class Connection:
         return sock
 
     def _spawn(self) -> subprocess.Popen:
+        copy = Path(tempfile.mkdtemp(prefix="fedlora-trainer-"))
+        shutil.copytree(APP_DIR, copy / APP_DIR.name, ignore=shutil.ignore_patterns("__pycache__"))
         with open(self.log_path, "ab") as out:
             # A session of its own: it is nobody's process group, so it outlives this message.
             return subprocess.Popen(
                 [sys.executable, "-m", "app.trainer", "--socket", str(self.path), "--org", self.node.org,
                  "--idle", repr(self.node.warm_trainer_idle), "--watch-pid", str(self.watch_pid),
                  "--train-processes", self.processes],
-                cwd=APP_DIR.parent, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+                cwd=copy, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1", _COPY_ENV: str(copy)})
 
     def _retire_others(self) -> None:
         """Ask this organisation's trainers of other code to exit (after their current request)."""
@@ -631,7 +639,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-processes", default="auto", help='"auto" (one per GPU) or a number')
     args = parser.parse_args(argv)
     processes = None if args.train_processes == "auto" else int(args.train_processes)  # checked by NodeConfig
-    return serve(args.socket, args.org, args.idle, args.watch_pid, processes)
+    try:
+        return serve(args.socket, args.org, args.idle, args.watch_pid, processes)
+    finally:
+        if os.environ.get(_COPY_ENV) == str(APP_DIR.parent):
+            for folder, _, _ in os.walk(APP_DIR.parent):
+                os.chmod(folder, 0o700)  # copied from a read-only install
+            shutil.rmtree(APP_DIR.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

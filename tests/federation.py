@@ -71,13 +71,15 @@ class LocalFederation:
     registered under its organisation's name with docker/orgs.py (what `make register-org` runs)."""
 
     def __init__(self, workdir: Path, certs: Path, nodes: dict[str, dict], threads_per_node: int = 1,
-                 guard: bool = True) -> None:
+                 guard: bool = True, node_env: dict[str, dict[str, str]] | None = None) -> None:
         self.workdir, self.certs, self.nodes = workdir, certs, nodes
         # guard=False: Flower's own flower-superlink, only to show what the Fleet guard refuses.
         self.guard = guard
         # Several CPU nodes share this machine's cores: torch's default of one thread per core in
         # every node oversubscribes them many times over.
         self.node_env = {"OMP_NUM_THREADS": str(threads_per_node)}
+        self.node_envs = node_env or {}  # more environment, by node name
+        self.node_envs = node_env or {}  # more environment, by node name
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.flwr_home = workdir / "flwr-home"
@@ -139,9 +141,10 @@ class LocalFederation:
 
     def start_supernode(self, name: str, root_certificates: Path | None = None, key: Path | None = None,
                         register_as: str | None = None, register: bool = True,
-                        env: dict[str, str] | None = None) -> subprocess.Popen:
+                        env: dict[str, str] | None = None, command: list[str] | None = None) -> subprocess.Popen:
         """Node `name` with its own key (or `key`), first registered as its org (or `register_as`);
-        `env`: more environment for it (and the SuperExec and ClientApp processes it starts)."""
+        `env`: more environment for it (and the SuperExec and ClientApp processes it starts);
+        `command` instead of flower-supernode (its arguments follow)."""
         key = key or self.key(name)
         if register:
             org = register_as or self.nodes[name]["org"]
@@ -150,11 +153,11 @@ class LocalFederation:
         for _ in range(PORT_TRIES):
             port = free_port()
             proc = self._spawn(name, [
-                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                *(command or [str(BIN / "flower-supernode")]), "--superlink", f"127.0.0.1:{self.port}",
                 "--root-certificates", str(root_certificates or self.certs / "ca.pem"),
                 "--auth-supernode-private-key", str(key),
                 "--port", str(port), "--node-config", kv(self.nodes[name]), "--max-retries", "3",
-            ], env=self.node_env | (env or {}))
+            ], env=self.node_env | self.node_envs.get(name, {}) | (env or {}))
             # Its own API opens before it contacts the SuperLink: a node that is refused later still
             # opens it first.
             try:

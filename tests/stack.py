@@ -52,7 +52,8 @@ def compose_stack(project: str, images_per_org: int | list[int] = 16, **env_over
         COMPOSE_PROJECT_NAME=project, SUPERLINK_PORT=str(free_port()), CONTROL_PORT=str(free_port()),
         PROMETHEUS_PORT=str(free_port()), COMPOSE_PROFILES="demo",  # Grafana cannot run here; its queries are checked
         DATA_DIR=str(root / "data"), MODELS_DIR=str(root / "models"), OUTPUTS_DIR=str(root / "outputs"),
-        CERTS_DIR=str(root / "certs"), FLWR_HOME=str(root / "flwr-home"), **env_overrides,
+        CERTS_DIR=str(root / "certs"), FLWR_HOME=str(root / "flwr-home"), DEMO_APPROVAL_DIR=str(root / "demo-approval"),
+        JOIN_APPROVAL_DIR=str(root / "join-approval"), **env_overrides,
     )
     for d in ("certs", "outputs"):
         (root / d).mkdir()

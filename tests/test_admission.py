@@ -154,6 +154,16 @@ def test_a_node_whose_preparation_fails_is_named_and_does_not_hold_the_run():
                                                    **{"min-nodes": 2, "prepare-timeout": 60}).participants(1)) == [1, 2]
 
 
+def test_a_node_that_refused_the_apps_bundle_is_asked_once_and_named():
+    # What docker/bundle_guard.py's refusal looks like when it reaches the ServerApp.
+    refusal = ("<class '__main__.BundleRefused'>:<'org-3 refused app bundle sha256:" + "ab" * 32 + ": not in its "
+               "approved list. To let it run, the organisation runs `make approve-bundle FAB=" + "ab" * 32 + "`'>")
+    grid = PrepareGrid(ORGS, delay={1: 0.0, 2: 0.0, 3: 0.0}, fail={3: refusal})
+    with pytest.raises(RunFailed, match=r"2 of min-nodes=3 .*node 3 refused: org-3: .*make approve-bundle FAB=(ab){32}"):
+        _admission(grid, **{"node-wait-timeout": 0.3, "prepare-timeout": 60}).participants(1)
+    assert [m.metadata.dst_node_id for m, _ in grid.sent.values()].count(3) == 1
+
+
 def test_the_first_round_waits_for_every_node_still_preparing():
     """So that every connected organisation trains from round 1 and round 0's held-out loss covers
     them all: otherwise later figures would cover other organisations than round 0's."""

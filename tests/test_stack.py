@@ -366,6 +366,23 @@ def test_an_organisation_joins_from_its_own_host_through_the_join_kit(stack, run
 
         config = {"base-model": "/models/tiny-sd", "resolution": 32, "num-server-rounds": 1, "local-steps": 2,
                   "min-nodes": 4, "sample-every": 0, "output-dir": "/outputs/four"}
+        # 5. The join kit runs no bundle the organisation has not approved (docs/approval.md): the
+        # coordinator sees it refuse, with the hash and the command; the organisation reviews the
+        # bundle its node kept, approves it, and the next run has it.
+        refused = flwr(stack, "run", ".", "remote-federation", "--stream", "--run-config",
+                       kv(config | {"node-wait-timeout": 20}), timeout=900)
+        found = re.search(rf"{org} refused app bundle sha256:([0-9a-f]{{64}})", refused.stdout)
+        assert found, refused.stdout[-4000:]
+        bundle = found[1]
+        assert f"make approve-bundle FAB={bundle}" in refused.stdout
+        project = env.get("JOIN_PROJECT", f"fedlora-{org}")
+        node = subprocess.run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
+                               "--filter", "label=com.docker.compose.service=node"], capture_output=True, text=True).stdout.split()
+        node_log = subprocess.run(["docker", "logs", node[0]], capture_output=True, text=True)
+        assert f"[bundle approval] {org} refused app bundle sha256:{bundle}" in node_log.stdout + node_log.stderr
+        review = make("review-bundle", f"FAB={bundle}")
+        assert review.returncode == 0 and f"sha256   {bundle}" in review.stdout and "app/client_app.py" in review.stdout
+        assert make("approve-bundle", f"FAB={bundle}").returncode == 0
         result = flwr(stack, "run", ".", "remote-federation", "--stream", "--run-config", kv(config), timeout=900)
         assert "finished:completed" in subprocess.run(
             ["python3", "docker/run_status.py", str(BIN / "flwr"), "remote-federation"], cwd=REPO, env=stack["env"],

@@ -238,3 +238,19 @@ def test_the_clientapp_side_imports_no_torch():
     probe = "import sys, app.client_app, app.trainer; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_trainer_runs_from_its_own_copy_of_the_app_and_removes_it(tiny_model, demo_data, own_cache):
+    """The node removes each ClientApp process's fresh install of the bundle when that process exits
+    (docker/bundle_guard.py); the trainer and its workers outlive it, so they run from their own copy."""
+    n = Node(tiny_model, demo_data, own_cache)
+    conn = n.warm()
+    conn.prepare(n.cfg)
+    home = Path(os.readlink(f"/proc/{conn.last_reply['pid']}/cwd"))
+    assert home != REPO and home.name.startswith("fedlora-trainer-")
+    assert trainer.code_hash(home / "app") == trainer.code_hash()
+    stop_trainers(own_cache)
+    deadline = time.monotonic() + 30
+    while home.exists():
+        assert time.monotonic() < deadline, f"{home} is still there after the trainer exited"
+        time.sleep(0.1)
