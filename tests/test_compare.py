@@ -35,8 +35,12 @@ def test_alone_computes_what_the_node_of_a_one_organisation_federation_computes(
     after_one = bc.train_rounds(cfg, data[org], start, 1, cfg.local_steps, org)
     after_two = bc.train_rounds(cfg, data[org], start, 2, cfg.local_steps, org)
     assert max(float(np.max(np.abs(a - s))) for a, s in zip(after_two, start)) > 1e-4, "nothing trained"
+    # Not bit-equal: the node restarts round 2 from global + (local - global), one float32 rounding
+    # away from where training alone goes on, and Adam's normalised step turns that into up to a
+    # few 1e-6 where a gradient is near zero (2.3e-6 seen on this CPU). A wrong round, seed or
+    # starting point differs by a whole step (learning rate 1e-3): 1e-5 still catches it.
     for mine, node in zip(after_two, global_arrays):
-        np.testing.assert_allclose(mine, node, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(mine, node, rtol=0, atol=1e-5)
     # The benchmark's measurement is the one the node makes of what it receives.
     table = bc.heldout_table(cfg, {org: data[org]}, {bc.BASE: start, "after one round": after_one})
     assert table[bc.BASE][org] == pytest.approx(measured[0], abs=1e-6)
