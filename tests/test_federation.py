@@ -75,7 +75,7 @@ def test_secagg_aggregate_equals_plain_weighted_fedavg(run, demo_data):
     organisations hold different numbers of images, so an unweighted mean would not match."""
     import torch
 
-    from app.client_app import local_update
+    from app.training import local_update
 
     cfg = RunConfig.from_flower(with_defaults(run["cfg"]))
     threads = torch.get_num_threads()
@@ -220,7 +220,7 @@ def test_private_org_metrics_run(fed, tiny_model, demo_data, tmp_path):
     """org-metrics="private": the coordinator's log and metrics.jsonl hold no organisation's loss or
     count, and the federated figures still equal what shared figures give, within the precision
     the run records (each organisation's figures are recomputed outside the federation)."""
-    from app.client_app import local_update
+    from app.training import local_update
 
     out = tmp_path / "private"
     run_cfg = tiny_run_config(tiny_model, out, **{"org-metrics": "private", "sample-every": 0})
