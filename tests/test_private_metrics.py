@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import uuid
 
 import numpy as np
@@ -28,8 +29,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.compat.common import recorddict_compat as compat
 
 from app import wire
-from app.client_app import PUBLIC_FIT_METRICS, refuse_revealing_runs, secagg_when_asked
-from app.config import ConfigError, RunConfig
+from app.client_app import MODS, PUBLIC_FIT_METRICS
+from app.config import RunConfig
 from app.secagg import (LOSS_BOUND, PrivateBoundError, QuantizationSettings, adam_update_bound, private_sums,
                         private_vector)
 from app.server_app import RoundStrategy
@@ -212,7 +213,7 @@ def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool
     ids = list(range(101, 101 + len(nodes)))
     by_id = dict(zip(ids, zip(nodes, updates)))
     app = ClientApp(client_fn=lambda ctx: FixedClient(*by_id[ctx.node_id]).to_client(),
-                    mods=mods or [refuse_revealing_runs, secagg_when_asked])
+                    mods=MODS if mods is None else mods)
     contexts = {nid: Context(run_id=1, node_id=nid, node_config={"data-dir": "/d", "org": f"{org_prefix}-{nid}"} | (node_config or {}),
                              state=RecordDict(), run_config=with_defaults(run_config)) for nid in ids}
     grid = InProcessGrid(app, contexts)
@@ -315,8 +316,9 @@ def test_share_metrics_false_refuses_a_revealing_run():
     ctx = Context(run_id=1, node_id=5, node_config={"data-dir": "/nonexistent", "org": "clinic-a",
                                                    "share-metrics": False},
                   state=RecordDict(), run_config=with_defaults({}))
-    with pytest.raises(ConfigError, match=r"clinic-a does not reveal .* share-metrics=false.*org-metrics=\"private\""):
-        app(message=msg, context=ctx)
+    reply = app(message=msg, context=ctx)
+    assert re.match(r"ConfigError: organisation clinic-a does not reveal .* share-metrics=false.*org-metrics=\"private\"",
+                    reply.error.reason), reply.error.reason
 
 
 def test_share_metrics_false_takes_part_in_a_private_run():
