@@ -116,9 +116,10 @@ def _threshold(node: NodeConfig, threshold: int, holders: int) -> None:
 # --- No names out --------------------------------------------------------------------------------
 
 # What looks like a path: starts with /, ~/ or a drive letter, not inside a word (and/or, 1/2 and a
-# model id such as org/model stay); and a file name with a data, model or log suffix.
+# model id such as org/model stay); and a file name with a data, model or log suffix, except the
+# name every data folder uses for its captions (app/data.py's METADATA).
 _PATH = re.compile(r"(?<![\w.~-])(?:~|[A-Za-z]:)?[/\\][^\s'\"`<>|]+")
-_FILE = re.compile(r"[^\s'\"`<>|/\\]+\.(?:png|jpe?g|webp|bmp|gif|tiff?|dcm|dicom|nii|nrrd|mha|jsonl|json|csv|tsv|txt"
+_FILE = re.compile(r"(?<![^\s'\"`<>|/\\])(?!metadata\.jsonl\b)[^\s'\"`<>|/\\]+\.(?:png|jpe?g|webp|bmp|gif|tiff?|dcm|dicom|nii|nrrd|mha|jsonl|json|csv|tsv|txt"
                    r"|pt|pth|bin|safetensors|npz|npy|log|sock|lock|db|pem|key|zip|tar|gz)\b", re.I)
 
 

@@ -17,7 +17,8 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client import ClientApp
-from flwr.common import FitIns, bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common import FitIns, GetPropertiesIns, bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common.constant import MessageTypeLegacy
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.common.secure_aggregation.ndarrays_arithmetic import (factor_extract, parameters_addition, parameters_mod,
@@ -287,9 +288,54 @@ def test_require_secagg_refuses_a_plain_training_message():
 def test_scrub_keeps_the_reason_and_drops_paths_and_file_names():
     node = {"data-dir": "/srv/images/ward-7", "cache-dir": "relative/cache"}
     text = ("[Errno 13] Permission denied: '/srv/images/ward-7/patient-4711.png'; see relative/cache/trainers/x.log "
-            "and /home/alice/notes; 0042_jdoe.dcm unreadable; model stabilityai/sd-turbo, 3/4 done, and/or 1.5 x")
+            "and /home/alice/notes; 0042_jdoe.dcm unreadable; metadata.jsonl line 2; model stabilityai/sd-turbo, 3/4 done, and/or 1.5 x")
     out = scrub(text, node)
     for leak in ("ward-7", "4711", "alice", "jdoe", "relative/cache", "x.log"):
         assert leak not in out, out
-    for kept in ("Permission denied", "stabilityai/sd-turbo", "3/4 done", "and/or", "1.5 x"):
+    for kept in ("Permission denied", "metadata.jsonl line 2", "stabilityai/sd-turbo", "3/4 done", "and/or", "1.5 x"):
         assert kept in out, out
+
+
+def _prepare(node_config: dict, caplog) -> tuple[str, str]:
+    """The real ClientApp's prepare on this node: (what reaches the coordinator, the node's log)."""
+
+    from app.client_app import app
+
+    msg = Message(content=compat.getpropertiesins_to_recorddict(GetPropertiesIns({})), dst_node_id=5,
+                  message_type=MessageTypeLegacy.GET_PROPERTIES)
+    ctx = Context(run_id=1, node_id=5, node_config={"org": "clinic-a"} | node_config, state=RecordDict(),
+                  run_config=with_defaults({}))
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        reply = app(message=msg, context=ctx)
+    assert reply.has_error()
+    return reply.error.reason, caplog.text
+
+
+def test_a_data_error_reaches_the_coordinator_without_names(tmp_path, caplog):
+    ward = tmp_path / "ward-7"
+    ward.mkdir()
+    (ward / "metadata.jsonl").write_text('{"file_name": "patient-4711.png", "text": "a scan"}\n')
+    reason, node_log = _prepare({"data-dir": str(ward), "warm-trainer": False}, caplog)
+    assert reason.startswith("DataError: metadata.jsonl line 1 names a file that is not in the data folder"), reason
+    assert "4711" not in reason and "ward-7" not in reason
+    assert "patient-4711.png" in node_log and str(ward) in node_log  # the organisation's own log has them
+
+
+def test_an_unexpected_error_reaches_the_coordinator_without_a_path(tmp_path, caplog):
+    """A cache folder that is a file: Python's own OSError names the path; the coordinator gets none."""
+    cache = tmp_path / "cache-of-patient-4711"
+    cache.write_text("not a folder")
+    reason, node_log = _prepare({"data-dir": str(tmp_path), "cache-dir": str(cache)}, caplog)
+    assert reason.startswith(("NotADirectoryError: ", "FileExistsError: ")), reason
+    assert "4711" not in reason and str(tmp_path) not in reason and "withheld" in reason, reason
+    assert str(cache) in node_log and "Traceback" in node_log
+    # The negative control: Flower alone forwards str(exception), path and all.
+    bare = ClientApp(client_fn=lambda ctx: __import__("app.client_app").client_app.LoraClient(ctx).to_client())
+
+    msg = Message(content=compat.getpropertiesins_to_recorddict(GetPropertiesIns({})), dst_node_id=5,
+                  message_type=MessageTypeLegacy.GET_PROPERTIES)
+    with pytest.raises(OSError) as raised:
+        bare(message=msg, context=Context(run_id=1, node_id=5, node_config={"org": "clinic-a", "data-dir": str(tmp_path),
+                                                                            "cache-dir": str(cache)},
+                                          state=RecordDict(), run_config=with_defaults({})))
+    assert "4711" in str(raised.value)
