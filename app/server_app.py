@@ -234,7 +234,8 @@ class Federation:
             self._export_round(record)
 
         last = max(start, cfg.num_rounds)
-        if self.out.round_metrics(last).get("heldout_loss") is None:
+        measured = self.out.round_metrics(last)
+        if measured.get("heldout_loss") is None and not measured.get("heldout_withheld"):
             # No later fit measures the last adapter: one evaluate stage does.
             self.round_cfg[Key.CURRENT_ROUND] = last
             self.strategy.participants = self.admission.participants(last)
@@ -263,6 +264,7 @@ class Federation:
                                received_bytes=len(record["aggregated"]) * metrics.update_bytes(size, self.secagg is not None))
 
     def _record_heldout(self, rnd: int, heldout: dict[str, Any], final: dict[str, Any] | None = None) -> None:
+        heldout = reporting.private_heldout_record(rnd, heldout, self.out.history())
         reporting.export_heldout(heldout)
         self.out.update_round_metrics(rnd, heldout | ({"final_evaluate": final} if final else {}))
         log(INFO, *reporting.heldout_log_line(rnd, heldout))
@@ -310,6 +312,7 @@ class Federation:
             # Worst-case errors of this round's federated figures (app/secagg.py, private_errors).
             record["private_errors"] = self.quant.private_errors(
                 len(fit["orgs"]), self.cfg.max_images_per_node, record["num_examples"], fit["heldout"]["num_heldout"])
+            record = reporting.private_round(record, self.out.history())
         return record
 
     def _checkpoint(self, rnd, metrics, sampler, samples_now: bool, round_started: float | None = None) -> None:
