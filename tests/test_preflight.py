@@ -172,6 +172,7 @@ def test_join_node_is_hardened_and_only_dials_out():
     assert {s["source"] for s in node["secrets"]} == {"ca.pem", "node.key"}
     assert config["secrets"]["node.key"]["file"].endswith("certs/nodes/clinic-a.key")
     assert node["command"] == ["supernode.sh"] and node["environment"]["SUPERLINK_ADDRESS"] == "fl.example.org:8000"
+    assert node["environment"]["REQUIRE_SECAGG"] == "true"  # docs/node-guard.md: on by default in the join kit
     assert node["healthcheck"]["test"][-1] == "127.0.0.1:9200" and node["environment"]["METRICS_PORT"] == "9200"
     assert "deploy" not in node and "cuda" not in node["image"]
 
