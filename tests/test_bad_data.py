@@ -156,7 +156,7 @@ def test_an_organisation_without_a_usable_image_is_left_out_with_a_clear_message
     message = f"DataError: none of the {len(EMPTY_FILES)} image files in the data folder is usable"
     # The operator sees which organisation and why; the organisation's own log also says which files.
     assert f"a node could not prepare its data: empty: {message}" in run["log"], run["log"][-5000:]
-    assert message in run["node_log"]["empty"] and f"{folders['empty']}: {', '.join(EMPTY_FILES)}" in run["node_log"]["empty"]
+    assert message in run["node_log"]["empty"] and f"{folders['empty']}: {', '.join(sorted(EMPTY_FILES))}" in run["node_log"]["empty"]
     for name in EMPTY_FILES:
         assert f"skipping {folders['empty'] / name} (" in run["node_log"]["empty"]
     assert "empty" not in history(run["out"])[1]["aggregated"]
