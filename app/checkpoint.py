@@ -37,6 +37,7 @@ class Recorder:
             # Worst-case errors of this round's federated figures (app/secagg.py, private_errors).
             record["private_errors"] = quant.private_errors(
                 len(fit["orgs"]), self.cfg.max_images_per_node, record["num_examples"], fit["heldout"]["num_heldout"])
+            record = reporting.private_round(record, self.out.history())
         return record
 
     def checkpoint(self, rnd: int, record: dict[str, Any], arrays: list[np.ndarray], sampler, samples_now: bool,
@@ -59,6 +60,7 @@ class Recorder:
             size, self.cfg.aggregation == "secagg+"))
 
     def record_heldout(self, rnd: int, heldout: dict[str, Any], final: dict[str, Any] | None = None) -> None:
+        heldout = reporting.private_heldout_record(rnd, heldout, self.out.history())
         reporting.export_heldout(heldout)
         self.out.update_round_metrics(rnd, heldout | ({"final_evaluate": final} if final else {}))
         log(INFO, *reporting.heldout_log_line(rnd, heldout))

@@ -9,7 +9,10 @@ Message by message (each in a fresh process under Flower 1.41):
 The SecAgg+ key-exchange stages never reach the client below, so torch is imported only on the
 stages that train or evaluate. By default not even there: those stages hand their work to the node's
 warm trainer (app/trainer.py), which keeps the model and latents loaded between messages and runs
-the same functions below (`prepare`, `local_update`, `measure`) with what it holds.
+the same steps (app/training.py: `prepare`, `local_update`, `measure`) with what it holds.
+
+Before any of it, the node's own rules (app/node_guard.py): its SecAgg+ floor and require-secagg,
+whatever the run says; and no error leaves the node with a file name or path in it.
 
 Under org-metrics="private" the node's own figures leave it only inside the SecAgg+ vector: the
 prepare reply carries no counts, the fit reply is re-encoded by `secagg_when_asked` (app/secagg.py's
@@ -19,141 +22,21 @@ A node started with share-metrics=false refuses every message of a run that woul
 
 from __future__ import annotations
 
-import hashlib
-import time
-from logging import ERROR, INFO
-
-import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Context, Message, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from . import metrics, trainer, wire
+from . import trainer, wire
 from .config import ConfigError, NodeConfig, RunConfig
+from .node_guard import secagg_floor, without_names
 from .secagg import adam_update_bound, private_vector
+from .training import local_update, measure, prepare
 
 # What a fit reply may carry in plain under org-metrics="private": the fingerprint of the global
 # weights the node loaded (a hash of what the coordinator sent; it says nothing about the data).
 PUBLIC_FIT_METRICS = ("received_fingerprint",)
-
-
-def round_seed(seed: int, rnd: int, org: str) -> int:
-    """Distinct, reproducible randomness per (run seed, round, organisation)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{rnd}:{org}".encode()).digest()[:7], "big")
-
-
-class FromDisk:
-    """Where the functions below get the model and the latents without a warm trainer: from disk,
-    anew for every message. The warm trainer passes its own `Resident`, which keeps them."""
-
-    @staticmethod
-    def data(cfg: RunConfig, node: NodeConfig):
-        from . import model
-
-        return model.prepare_data(cfg, node)
-
-    @staticmethod
-    def net(cfg: RunConfig):
-        from . import model
-
-        return model.LoraUNet.load(cfg)
-
-    @staticmethod
-    def train(net, data, cfg: RunConfig, node: NodeConfig, seed: int, on_step):
-        return net.train(data, cfg.local_steps, cfg.batch_size, cfg.learning_rate, seed, on_step=on_step)
-
-
-def prepare(cfg: RunConfig, node: NodeConfig, resident=FromDisk) -> dict:
-    """The prepare reply: encode the node's images into the latent cache (once) and count them."""
-    t0 = time.perf_counter()
-    data = resident.data(cfg, node)
-    metrics.IMAGES_SKIPPED.labels(node.org).set(len(data.skipped))
-    log(INFO, "[%s] data ready: %d train, %d held out, %d unusable skipped (%.1f s)", node.org,
-        data.num_train, data.num_heldout, len(data.skipped), time.perf_counter() - t0)
-    if cfg.org_metrics == "private":
-        return {"org": node.org}
-    return {"org": node.org, "num-train": data.num_train, "num-heldout": data.num_heldout,
-            "skipped-images": len(data.skipped)}
-
-
-def local_update(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarray], rnd: int, resident=FromDisk):
-    """One organisation's round: returns (update arrays, example count, metrics).
-
-    Deterministic given its inputs, which is what lets tests recompute an update outside Flower.
-    """
-    from . import model
-
-    t0 = time.perf_counter()
-    data = resident.data(cfg, node)
-    net = resident.net(cfg)
-    received = model.load_lora(net.unet, net.names, global_arrays)
-    # Evaluate what was received before training on it: the held-out loss of the previous
-    # round's global adapter (of the base model in round 1) without a separate evaluate message.
-    t_eval = time.perf_counter()
-    heldout = net.heldout_loss(data, cfg.eval_timesteps, cfg.seed, cfg.batch_size)
-    eval_seconds = time.perf_counter() - t_eval
-    # Exported before training, which stops the node on a non-finite loss: the alert on these
-    # gauges (FedloraNonFiniteLoss) must see the bad value.
-    metrics.HELDOUT_LOSS.labels(node.org).set(heldout)
-    log(INFO, "[%s] round %d: global %s has held-out loss %.5f; training %d steps on %d images", node.org, rnd,
-        received, heldout, cfg.local_steps, data.num_train)
-    step_seconds = metrics.STEP_SECONDS.labels(node.org)
-    try:
-        stats = resident.train(net, data, cfg, node, round_seed(cfg.seed, rnd, node.org), step_seconds.observe)
-    except model.NonFiniteLoss as err:
-        metrics.TRAIN_LOSS.labels(node.org).set(err.loss)
-        raise
-    local = model.lora_state(net.unet)
-    update = [local[name] - np.asarray(g, dtype=np.float32) for name, g in zip(net.names, global_arrays)]
-
-    # The SecAgg+ clipping range is derived from this bound (app/secagg.py); anything beyond it
-    # would be clipped silently by Flower, so refuse to send it.
-    bound = adam_update_bound(cfg.learning_rate, cfg.local_steps)
-    worst = max(float(np.max(np.abs(u))) for u in update)
-    if not np.isfinite(worst) or worst > bound:
-        # The size stays in this node's log: the error message itself reaches the coordinator.
-        log(ERROR, "[%s] round %d: largest update entry %.3g, train loss %s", node.org, rnd, worst, stats.get("train_loss"))
-        raise RuntimeError(f"[{node.org}] update exceeds the SecAgg+ clipping range {bound:.3g} (or is not finite); "
-                           "it would be clipped. Did training diverge, or was the optimizer changed?")
-    report = {"org": node.org, "received_fingerprint": received, "skipped_images": len(data.skipped),
-              "heldout_loss": heldout, "num_heldout": data.num_heldout, "eval_seconds": eval_seconds,
-              "fit_seconds": time.perf_counter() - t0, **stats}
-    _export_round(cfg, node.org, report, sum(u.size for u in update))
-    log(INFO, "[%s] round %d: train loss %.4f, %.1f images/s, fit %.1f s", node.org, rnd, stats["train_loss"],
-        stats["images_per_second"], report["fit_seconds"])
-    return update, data.num_train, report
-
-
-def _export_round(cfg: RunConfig, org: str, report: dict, num_elements: int) -> None:
-    metrics.TRAIN_STEPS.labels(org).inc(cfg.local_steps)
-    metrics.TRAIN_EXAMPLES.labels(org).inc(cfg.local_steps * cfg.batch_size)
-    metrics.ROUNDS_TRAINED.labels(org).inc()
-    metrics.TRAIN_LOSS.labels(org).set(report["train_loss"])
-    metrics.IMAGES_PER_SECOND.labels(org).set(report["images_per_second"])
-    metrics.IMAGES_SKIPPED.labels(org).set(report["skipped_images"])
-    if "accelerator_memory_peak_bytes" in report:
-        metrics.ACCEL_MEMORY_PEAK.labels(org).set(report["accelerator_memory_peak_bytes"])
-    metrics.SENT_BYTES.labels(org).inc(metrics.update_bytes(num_elements, cfg.aggregation == "secagg+"))
-    metrics.LAST_ROUND.labels(org).set_to_current_time()
-
-
-def measure(cfg: RunConfig, node: NodeConfig, global_arrays: list[np.ndarray], rnd, resident=FromDisk):
-    """The held-out loss of a global adapter no later fit will measure: (loss, count, metrics)."""
-    from . import model
-
-    t0 = time.perf_counter()
-    data = resident.data(cfg, node)
-    net = resident.net(cfg)
-    received = model.load_lora(net.unet, net.names, global_arrays)
-    loss = net.heldout_loss(data, cfg.eval_timesteps, cfg.seed, cfg.batch_size)
-    metrics.HELDOUT_LOSS.labels(node.org).set(loss)
-    log(INFO, "[%s] round %s: held-out loss %.5f on %d images", node.org, rnd, loss, data.num_heldout)
-    return loss, data.num_heldout, {"org": node.org, "heldout_loss": loss, "received_fingerprint": received,
-                                    "eval_seconds": time.perf_counter() - t0, "num_heldout": data.num_heldout,
-                                    "skipped_images": len(data.skipped)}
 
 
 class LoraClient(NumPyClient):
@@ -256,5 +139,6 @@ def secagg_when_asked(msg, ctxt, call_next):
     return secaggplus_mod(msg, ctxt, private_fit)
 
 
-app = ClientApp(client_fn=lambda context: LoraClient(context).to_client(),
-                mods=[refuse_revealing_runs, secagg_when_asked])
+# Outermost first: no error leaves with a name in it; the node's own rules come before any work.
+MODS = [without_names, refuse_revealing_runs, secagg_floor, secagg_when_asked]
+app = ClientApp(client_fn=lambda context: LoraClient(context).to_client(), mods=MODS)

@@ -213,6 +213,12 @@ class NodeConfig:
     # Data-parallel training processes of the warm trainer (app/parallel.py); None ("auto"): one per
     # visible GPU, one on a CPU.
     train_processes: int | None = None
+    # SecAgg+ floor (app/node_guard.py): the fewest other nodes whose key shares this node must hold
+    # before it sends a masked update. 1 lets a round of two through, where each learns the other's.
+    min_peers: int = 2
+    # True: a training message outside SecAgg+ gets an error, whatever the run's aggregation says.
+    # Off here (the demo compares plain FedAvg); the join kit turns it on (docker/join/.env).
+    require_secagg: bool = False
 
     @classmethod
     def from_flower(cls, cfg: Mapping[str, Any], run_config: Mapping[str, Any] | None = None) -> NodeConfig:
@@ -227,7 +233,8 @@ class NodeConfig:
         cache = cfg.get("cache-dir") or _default_cache()
         caption = str(cfg.get("default-caption", "")).strip() or None
         share, warm = (cfg.get(key, True) for key in ("share-metrics", "warm-trainer"))
-        for key, value in (("share-metrics", share), ("warm-trainer", warm)):
+        require_secagg = cfg.get("require-secagg", cls.require_secagg)
+        for key, value in (("share-metrics", share), ("warm-trainer", warm), ("require-secagg", require_secagg)):
             if not isinstance(value, bool):
                 raise ConfigError(f"SuperNode --node-config '{key}' must be true or false (unquoted), got {value!r}")
         idle = cfg.get("warm-trainer-idle", cls.warm_trainer_idle)
@@ -237,8 +244,12 @@ class NodeConfig:
         if processes != "auto" and (isinstance(processes, bool) or not isinstance(processes, int) or processes < 1):
             raise ConfigError(f"SuperNode --node-config 'train-processes' must be \"auto\" (one per GPU) or a number "
                               f">= 1 (unquoted), got {processes!r}")
+        min_peers = cfg.get("min-peers", cls.min_peers)
+        if isinstance(min_peers, bool) or not isinstance(min_peers, int) or min_peers < 1:
+            raise ConfigError(f"SuperNode --node-config 'min-peers' must be a number >= 1 (unquoted): the fewest other "
+                              f"organisations in a SecAgg+ round this node sends its update into; got {min_peers!r}")
         return cls(Path(str(cfg["data-dir"])), str(cfg["org"]), caption, Path(str(cache)), share, warm, float(idle),
-                   None if processes == "auto" else processes)
+                   None if processes == "auto" else processes, min_peers, require_secagg)
 
     @classmethod
     def simulated(cls, partition_id: int, sim_data_dir: str) -> NodeConfig:

@@ -6,7 +6,8 @@ Accepted layouts (what people already have):
 
 A corrupt, unreadable or too small image is skipped and counted (the round goes on with the
 rest); a missing or empty folder, or an image that would be silently damaged (16-bit), stops with a
-message naming the file and the fix. Nothing here imports torch.
+DataError: its message (what is wrong, counts, the fix) reaches the coordinator; the file and folder
+names stay in `detail`, for the organisation's own log. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -34,7 +35,19 @@ SKIP_REASONS = ("corrupt, not an image, over Pillow's pixel limit or under half 
 
 
 class DataError(ValueError):
-    """The organisation's data cannot be used as given; the message names the file and the fix."""
+    """The organisation's data cannot be used as given.
+
+    str(): what is wrong, in reasons and counts, and the fix; it reaches the coordinator, so it
+    never names a file or folder (medical file names carry patient or accession numbers). `names`:
+    which ones, for the organisation's own log (`detail`)."""
+
+    def __init__(self, message: str, names: str = "") -> None:
+        super().__init__(message)
+        self.names = names
+
+    @property
+    def detail(self) -> str:
+        return f"{self} [{self.names}]" if self.names else str(self)
 
 
 @dataclass(frozen=True)
@@ -49,9 +62,8 @@ def discover(data_dir: Path, default_caption: str | None) -> list[Example]:
     """List the captioned images in `data_dir`, in a stable order."""
     if not data_dir.is_dir():
         raise DataError(
-            f"data directory {data_dir} does not exist on this node: mount the organisation's images "
-            "there or fix the SuperNode's --node-config data-dir"
-        )
+            "the data directory does not exist on this node: mount the organisation's images there or fix the "
+            "SuperNode's --node-config data-dir", f"data-dir {data_dir}")
     meta = data_dir / METADATA
     if meta.is_file():
         examples = _from_metadata(data_dir, meta)
@@ -59,15 +71,14 @@ def discover(data_dir: Path, default_caption: str | None) -> list[Example]:
         images = sorted(p for p in data_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if images and not default_caption:
             raise DataError(
-                f"{data_dir} has images but no {METADATA} and the node has no default caption: add "
-                f"{METADATA} lines {{\"file_name\": ..., \"text\": ...}} or set --node-config default-caption=\"...\""
-            )
+                f"the data folder has images but no {METADATA} and the node has no default caption: add "
+                f"{METADATA} lines {{\"file_name\": ..., \"text\": ...}} or set --node-config default-caption=\"...\"",
+                f"data-dir {data_dir}")
         examples = [Example(p, default_caption or "", p.name) for p in images]
     if len(examples) < MIN_IMAGES:
         raise DataError(
-            f"{data_dir} holds {len(examples)} usable image(s): at least {MIN_IMAGES} are needed (one to train on, "
-            f"one held out); supported types are {', '.join(sorted(IMAGE_SUFFIXES))}"
-        )
+            f"the data folder holds {len(examples)} usable image(s): at least {MIN_IMAGES} are needed (one to train "
+            f"on, one held out); supported types are {', '.join(sorted(IMAGE_SUFFIXES))}", f"data-dir {data_dir}")
     return examples
 
 
@@ -81,13 +92,15 @@ def _from_metadata(data_dir: Path, meta: Path) -> list[Example]:
             name, text = row["file_name"], row["text"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise DataError(
-                f"{meta}:{lineno} is not a JSON object with 'file_name' and 'text' ({err}): fix or remove that line"
-            ) from None
+                f"{METADATA} line {lineno} is not a JSON object with 'file_name' and 'text' ({type(err).__name__}): "
+                "fix or remove that line", f"{meta}:{lineno}: {err}") from None
         path, root = (data_dir / name).resolve(), data_dir.resolve()
         if root not in path.parents:
-            raise DataError(f"{meta}:{lineno} names {name!r}, outside {data_dir}: use paths relative to the folder")
+            raise DataError(f"{METADATA} line {lineno} names a file outside the data folder: use paths relative to "
+                            "the folder", f"{meta}:{lineno} names {name!r}")
         if not path.is_file():
-            raise DataError(f"{meta}:{lineno} names {name!r}, which does not exist in {data_dir}")
+            raise DataError(f"{METADATA} line {lineno} names a file that is not in the data folder: add it or remove "
+                            "that line", f"{meta}:{lineno} names {name!r}")
         examples.append(Example(path, str(text), path.relative_to(root).as_posix()))
     return sorted(examples, key=lambda e: str(e.path))
 
@@ -149,9 +162,8 @@ def load_image(path: Path, resolution: int) -> np.ndarray | None:
         return None
     if img.mode not in _CONVERTIBLE_MODES:
         raise DataError(
-            f"{path} has image mode {img.mode} (16-bit or float): convert it to 8-bit RGB, e.g. with "
-            "PIL's Image.open(...).convert('RGB').save(...)"
-        )
+            f"an image has mode {img.mode} (16-bit or float): convert it to 8-bit RGB, e.g. with "
+            "PIL's Image.open(...).convert('RGB').save(...); the node's log names the file", str(path))
     if min(img.size) < resolution // 2:
         # A thumbnail or icon among an organisation's photos must not keep it out of the federation.
         log(WARNING, "skipping %s (%dx%d, under half the training resolution %d: upscaling that far only teaches "

@@ -350,8 +350,9 @@ def prepare_data(cfg: RunConfig, node: NodeConfig) -> EncodedData:
     by_name = {n: i for i, n in enumerate(cached["names"])}
     usable = [e for e in examples if e.name in by_name]
     if len(usable) < 2:
-        raise DataError(f"{node.data_dir}: only {len(usable)} of {len(examples)} image files is usable, at least 2 "
-                        f"are needed; skipped: {', '.join(cached['skipped'][:5])} ({SKIP_REASONS})")
+        raise DataError(f"only {len(usable)} of {len(examples)} image files is usable, at least 2 are needed; "
+                        f"{len(cached['skipped'])} skipped ({SKIP_REASONS})",
+                        f"{node.data_dir}, skipped: {', '.join(cached['skipped'])}")
     train, heldout = split(usable, cfg.heldout_fraction, cfg.seed)
 
     def pick(part: list[Example], field: str) -> torch.Tensor:
@@ -395,9 +396,9 @@ def _encode(cfg: RunConfig, examples: list[Example], data_dir: Path) -> dict:
             log(INFO, "encoded %d/%d images (%.1f images/s, about %.0f s left)", done, len(examples), rate,
                 (len(examples) - done) / rate)
     if not latents:
-        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        raise DataError(f"none of the {len(examples)} image files in {data_dir} is usable: {shown} ({SKIP_REASONS}). "
-                        "Add images this node can read, at least half the run's resolution")
+        raise DataError(f"none of the {len(examples)} image files in the data folder is usable ({SKIP_REASONS}). "
+                        "Add images this node can read, at least half the run's resolution",
+                        f"{data_dir}: {', '.join(skipped)}")
     log(INFO, "encoded %d images in %.1f s (%d unusable skipped)", len(names), time.perf_counter() - t0, len(skipped))
     return {"names": names, "latents": torch.cat(latents), "embeds": torch.cat(embeds), "skipped": skipped}
 

@@ -200,7 +200,7 @@ def _exit_with(parent: int) -> None:
 def worker(parent: int) -> int:
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     from .model import NonFiniteLoss
-    from .trainer import Resident
+    from .training import Resident
 
     accelerator = _accelerator()
     rank = accelerator.process_index

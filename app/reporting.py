@@ -4,14 +4,24 @@ org-metrics="shared": every node's figures arrive in plain (its fit and evaluate
 federated figures are weighted means of them, and the per-organisation ones are kept too.
 org-metrics="private": only federation-wide sums arrive, unmasked from the SecAgg+ vector
 (app/secagg.py's private_sums); nothing here is keyed by organisation except participation, which
-the coordinator sees anyway (who replied to which message).
+the coordinator sees anyway (who replied to which message). A total is written down only while no
+organisation's own figure follows from it and the totals already recorded over other sets of
+organisations (`private_round`, `private_heldout_record`): when participation changes, the total
+over {A, B, C} minus the total over {A, B} is C's figure.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import metrics
+
+# A round's federation-wide figures over the organisations it aggregated; a held-out figure's over
+# the organisations that measured it (heldout_orgs).
+ROUND_TOTALS = ("num_examples", "train_loss", "skipped_images", "client_seconds_mean")
+HELDOUT_TOTALS = ("heldout_loss", "num_heldout")
 
 
 def weighted(values: list[tuple[float, int]]) -> float:
@@ -82,6 +92,52 @@ def round_record(rnd: int, aggregation: str, org_metrics: str, participants: lis
     }
 
 
+def revealed_by(covered: list[list[str]]) -> list[str]:
+    """Organisations whose own figure follows from totals over these sets of organisations: those
+    whose indicator lies in the span of the sets' indicators (differences, and any other linear
+    combination of the totals)."""
+    orgs = sorted(set().union(*map(set, covered)))
+    if not orgs:
+        return []
+    rows = np.array([[org in group for org in orgs] for group in covered], dtype=float)
+    rank = np.linalg.matrix_rank(rows)
+    return [org for i, org in enumerate(orgs)
+            if np.linalg.matrix_rank(np.vstack([rows, np.eye(len(orgs))[i]])) == rank]
+
+
+def private_round(record: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """org-metrics="private": the round record without its totals where, with the totals of earlier
+    records (`history`, the output directory's), they would reveal one organisation's figure. Then
+    the precision figures go too (they are computed from the totals), and `withheld` names what went."""
+    covered = [m["aggregated"] for m in history if m.get("num_examples") is not None and m["round"] != record["round"]]
+    revealed = revealed_by(covered + [record["aggregated"]])
+    earlier = next((m for m in history if m["round"] == record["round"] - 1), {})
+    errors = dict(record.get("private_errors", {}))
+    if earlier.get("heldout_withheld"):  # this round measured that held-out figure; its error names the count
+        errors.pop("heldout_loss", None)
+    if revealed:
+        record = {k: v for k, v in record.items() if k not in ROUND_TOTALS}
+        record["withheld"] = {"figures": list(ROUND_TOTALS), "would_reveal": revealed}
+        errors = {k: v for k, v in errors.items() if k == "images"}  # depends on the node count only
+    if "private_errors" in record:
+        record["private_errors"] = errors
+    return record
+
+
+def private_heldout_record(rnd: int, heldout: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same for a held-out figure (adapter `rnd`'s) under org-metrics="private"; shared figures
+    (keyed by organisation) pass unchanged."""
+    if "heldout_loss_by_org" in heldout:
+        return heldout
+    covered = [m["heldout_orgs"] for m in history
+               if m.get("heldout_loss") is not None and m.get("heldout_orgs") and m["round"] != rnd]
+    revealed = revealed_by(covered + [heldout["heldout_orgs"]])
+    if not revealed:
+        return heldout
+    return {"heldout_orgs": heldout["heldout_orgs"],
+            "heldout_withheld": {"figures": list(HELDOUT_TOTALS), "would_reveal": revealed}}
+
+
 def final_evaluate_record(seconds: float, stages: dict[str, float], heldout: dict[str, Any]) -> dict[str, Any]:
     """The final evaluate stage's timing: its wall time, each message stage's, and the slowest node's
     compute where nodes report it (org-metrics="shared")."""
@@ -96,17 +152,19 @@ def export_round(record: dict[str, Any], online: int, received_bytes: int) -> No
     gauges = metrics.server()
     if "client_seconds" in record:  # the slowest node gates the round
         client = max(s["fit"] for s in record["client_seconds"].values())
-    else:  # org-metrics="private": only the mean node's compute is known
-        client = record["client_seconds_mean"]["fit"]
+    else:  # org-metrics="private": only the mean node's compute is known, unless withheld
+        client = record.get("client_seconds_mean", {}).get("fit")
     gauges.rounds_completed.inc()
     gauges.round_seconds.observe(record["seconds"]["round"])
-    gauges.phase_seconds.labels("client_compute").inc(client)
-    gauges.phase_seconds.labels("other").inc(max(0.0, record["seconds"]["round"] - client))
+    if client is not None:
+        gauges.phase_seconds.labels("client_compute").inc(client)
+        gauges.phase_seconds.labels("other").inc(max(0.0, record["seconds"]["round"] - client))
     sampled, responded = len(record["participants"]), len(record["aggregated"])
     for state, n in [("online", online), ("sampled", sampled), ("responded", responded),
                      ("dropped", sampled - responded)]:
         gauges.nodes.labels(state).set(n)
-    gauges.train_loss.set(record["train_loss"])
+    if record.get("train_loss") is not None:
+        gauges.train_loss.set(record["train_loss"])
     gauges.update_norm.set(record["update_norm"])
     gauges.received_bytes.inc(received_bytes)
 
@@ -133,6 +191,8 @@ def export_round(record: dict[str, Any], online: int, received_bytes: int) -> No
 
 
 def export_heldout(heldout: dict[str, Any]) -> None:
+    if "heldout_loss" not in heldout:  # withheld (org-metrics="private")
+        return
     metrics.server().heldout_loss.set(heldout["heldout_loss"])
     orgs = metrics.org_view()
     for org, value in heldout.get("heldout_loss_by_org", {}).items():
@@ -141,6 +201,9 @@ def export_heldout(heldout: dict[str, Any]) -> None:
 
 def heldout_log_line(rnd: int, heldout: dict[str, Any]) -> tuple:
     """The log line for one adapter's held-out loss: per organisation only where they were revealed."""
+    if "heldout_loss" not in heldout:
+        return ("round %d adapter: held-out loss withheld: with the figures already recorded it would reveal %s's "
+                "own (participation changed)", rnd, ", ".join(heldout["heldout_withheld"]["would_reveal"]))
     by_org = heldout.get("heldout_loss_by_org")
     detail = ", ".join(f"{o} {v:.5f}" for o, v in sorted(by_org.items())) if by_org else \
         f"{heldout['num_heldout']} held-out images; per-organisation losses stay private"

@@ -25,9 +25,8 @@ expel), like a node that went away; the run fails only when fewer than min-nodes
 from __future__ import annotations
 
 import time
-from logging import ERROR, INFO, WARNING
+from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
 
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
@@ -150,7 +149,8 @@ class Federation:
             self.recorder.export_round(record, self.strategy.global_arrays, online=len(list(self.grid.get_node_ids())))
 
         last = max(start, cfg.num_rounds)
-        if self.out.round_metrics(last).get("heldout_loss") is None:
+        measured = self.out.round_metrics(last)
+        if measured.get("heldout_loss") is None and not measured.get("heldout_withheld"):
             # No later fit measures the last adapter: one evaluate stage does.
             self.round_cfg[Key.CURRENT_ROUND] = last
             self.strategy.participants = self.admission.participants(last)

@@ -16,7 +16,7 @@ node's cache directory, and starts that trainer when none answers:
 - One organisation. The socket's name holds the organisation, the code hash and the node's
   train-processes setting; the socket is 0600 in a 0700 directory of the node's user; the trainer
   refuses requests for another organisation.
-- The same computation. The trainer runs client_app's prepare, local_update and measure with
+- The same computation. The trainer runs app/training.py's prepare, local_update and measure with
   its `Resident` model and latents where the ClientApp would load them (`FromDisk`). Node setting
   warm-trainer=false runs them in the ClientApp, as every message did before.
 - A failure stays one message's. A trainer that dies mid-request fails that message with an
@@ -63,6 +63,7 @@ import numpy as np
 from flwr.common.logger import log
 
 from .config import ConfigError, NodeConfig, RunConfig
+from .training import Resident
 
 APP_DIR = Path(__file__).resolve().parent
 # Seconds a new trainer may take to open its socket (it imports torch afterwards, while the
@@ -76,16 +77,6 @@ REPLACE_TIMEOUT = 10.0
 _COPY_ENV = "FEDLORA_TRAINER_APP_COPY"
 _LENGTHS = struct.Struct("!QQ")
 _MAX_HEADER = 64 * 2**20
-
-# Run settings that shape neither the model nor the latents: other values reuse what is resident.
-# Every other setting, including any added later, reloads: slow, but never a stale model.
-_PER_MESSAGE = {"num_rounds", "local_steps", "learning_rate", "batch_size", "eval_timesteps", "aggregation",
-                "org_metrics", "max_images_per_node", "min_nodes", "node_wait_timeout", "prepare_timeout",
-                "round_timeout", "output_dir", "sample_every", "sample_steps", "sample_prompts", "sim_data_dir"}
-# Settings that shape the latents only, and the model only.
-_DATA_ONLY = {"resolution", "heldout_fraction"}
-_MODEL_ONLY = {"lora_rank", "lora_alpha", "lora_targets"}
-
 
 class TrainerCrashed(RuntimeError):
     """The trainer died with this message's work in it (or could not start)."""
@@ -385,9 +376,10 @@ def _raised(header: dict) -> Exception:
     """The trainer's error as the ClientApp raises it; the app's own errors keep their type."""
     from .data import DataError
 
-    known = {"DataError": DataError, "ConfigError": ConfigError}
-    if header["error_type"] in known:
-        return known[header["error_type"]](header["message"])
+    if header["error_type"] == "DataError":
+        return DataError(header["message"], header.get("names", ""))
+    if header["error_type"] == "ConfigError":
+        return ConfigError(header["message"])
     return TrainerError(f"{header['error_type']}: {header['message']}")
 
 
@@ -413,72 +405,6 @@ def _kill(pid: int) -> None:
 
 # --- The trainer's side --------------------------------------------------------------------------
 
-class Resident:
-    """What the trainer keeps between messages, loaded the way the ClientApp would load it."""
-
-    def __init__(self) -> None:
-        self._net = self._data = self.model_key = self.data_key = None
-        self.counts = {"requests": 0, "model_loads": 0, "data_loads": 0}
-        self.training_started_at: float | None = None
-        self.group = None  # parallel.Group: the other training processes, where there are any
-        self.settings: tuple[dict, dict] = ({}, {})  # the request's run and node config, for the group
-        self.refusal: str | None = None  # why this trainer cannot train (its node setting): every request says so
-
-    def net(self, cfg: RunConfig):
-        from .client_app import FromDisk
-
-        key = _settings(cfg, _PER_MESSAGE | _DATA_ONLY)
-        if key != self.model_key:
-            self.forget(data=False)
-            self._net, self.model_key = FromDisk.net(cfg), key
-            self.counts["model_loads"] += 1
-        return self._net
-
-    def data(self, cfg: RunConfig, node: NodeConfig):
-        from .client_app import FromDisk
-        from .data import discover, fingerprint
-
-        # The files' fingerprint (names, sizes, times, captions): images added during a run count.
-        key = (_settings(cfg, _PER_MESSAGE | _MODEL_ONLY), str(node.data_dir), node.default_caption, str(node.cache_dir),
-               fingerprint(discover(node.data_dir, node.default_caption)))
-        if key != self.data_key:
-            self._data = self.data_key = None
-            from . import model
-
-            # On the accelerator once, not at every message.
-            self._data, self.data_key = FromDisk.data(cfg, node).to(model.device()), key
-            self.counts["data_loads"] += 1
-        return self._data
-
-    def train(self, net, data, cfg: RunConfig, node: NodeConfig, seed: int, on_step):
-        from .client_app import FromDisk
-
-        self.training_started_at = time.time()
-        if self.group is None:
-            return FromDisk.train(net, data, cfg, node, seed, on_step)
-        run_config, node_config = self.settings
-        return self.group.train(net, data, cfg, node, seed, on_step,
-                                {"run_config": run_config, "node_config": node_config, "files": self.data_key[-1]})
-
-    def forget(self, model: bool = True, data: bool = True) -> None:
-        """Drop what is resident and give its memory back (the accelerator's too)."""
-        import gc
-
-        import torch
-
-        if model:
-            self._net = self.model_key = None
-        if data:
-            self._data = self.data_key = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def _settings(cfg: RunConfig, leave_out: set[str]) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in vars(cfg).items() if k not in leave_out))
-
-
 class _Forward(logging.Handler):
     """Sends the trainer's log lines to the ClientApp while a request runs."""
 
@@ -498,7 +424,7 @@ class _Forward(logging.Handler):
 
 
 def _compute(header: dict, arrays: list[np.ndarray], resident: Resident) -> tuple[dict, list[np.ndarray]]:
-    from . import client_app, model
+    from . import model, training
 
     cfg = RunConfig.from_flower(header["run_config"])
     node = NodeConfig.from_flower(header["node_config"], header["run_config"])
@@ -509,12 +435,12 @@ def _compute(header: dict, arrays: list[np.ndarray], resident: Resident) -> tupl
         # At prepare already: the coordinator then leaves the organisation out with this message.
         model.batch_part(cfg.batch_size, resident.group.size, 0)
     if header["op"] == "prepare":
-        return {"result": client_app.prepare(cfg, node, resident)}, []
+        return {"result": training.prepare(cfg, node, resident)}, []
     if header["op"] == "fit":
-        update, num_examples, report = client_app.local_update(cfg, node, arrays, header["round"], resident)
+        update, num_examples, report = training.local_update(cfg, node, arrays, header["round"], resident)
         return {"result": {"num_examples": num_examples, "report": report}}, update
     if header["op"] == "evaluate":
-        loss, num_examples, report = client_app.measure(cfg, node, arrays, header["round"], resident)
+        loss, num_examples, report = training.measure(cfg, node, arrays, header["round"], resident)
         return {"result": {"loss": loss, "num_examples": num_examples, "report": report}}, []
     raise ValueError(f"unknown request {header['op']!r}")
 
@@ -556,11 +482,13 @@ def _serve_one(conn: socket.socket, org: str, code: str, resident: Resident) -> 
     except Exception as err:  # noqa: BLE001 - every error goes back to the message that caused it
         logging.getLogger("flwr").removeHandler(forward)
         expected = (DataError, ConfigError, NonFiniteLoss, ModelNotAvailable)
-        log(ERROR if not isinstance(err, expected) else INFO, "%s failed: %s: %s", header["op"], type(err).__name__, err,
-            exc_info=not isinstance(err, expected))
+        log(ERROR if not isinstance(err, expected) else INFO, "%s failed: %s: %s", header["op"], type(err).__name__,
+            getattr(err, "detail", err), exc_info=not isinstance(err, expected))
         if not isinstance(err, expected):
             resident.forget()  # whatever went wrong, the next message starts from disk
-        _send_quietly(conn, {"type": "error", "error_type": type(err).__name__, "message": str(err)})
+        # A DataError's file names travel apart from its message, to the ClientApp's (the node's) log only.
+        _send_quietly(conn, {"type": "error", "error_type": type(err).__name__, "message": str(err),
+                             "names": getattr(err, "names", "")})
         return True
     logging.getLogger("flwr").removeHandler(forward)
     _send_quietly(conn, {"type": "reply", "pid": os.getpid(), "counts": resident.counts,
@@ -590,7 +518,7 @@ def serve(path: Path, org: str, idle: float, watch_pid: int | None = None, train
     server.listen(16)
     server.settimeout(POLL_SECONDS)
     t0 = time.perf_counter()
-    from . import client_app, model, parallel  # noqa: F401 - the imports every message would pay, paid once
+    from . import model, parallel, training  # noqa: F401 - the imports every message would pay, paid once
     # Hashed after importing: this is the code that will run.
     code = code_hash()
     log(INFO, "warm trainer of %s: pid %d, code %s from %s, socket %s (imports %.1f s)", org, os.getpid(), code[:16],

@@ -399,7 +399,7 @@ def check_data(s: Settings) -> Result:
     except DataError as err:
         hint = ("; with `make join`: NODE_CONFIG_EXTRA=default-caption=\"...\" in docker/join/org.env"
                 if "default-caption" in str(err) else "")
-        return Result("FAILED", "data", f"{err}{hint}")
+        return Result("FAILED", "data", f"{err.detail}{hint}")  # this organisation's own screen: names included
     except PermissionError as err:
         return Result("FAILED", "data", f"cannot read {err.filename or s.data_dir} as {whoami()}: {unreadable_fix}")
     unreadable = [e.path.name for e in examples if not os.access(e.path, os.R_OK)]

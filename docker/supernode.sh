@@ -5,6 +5,8 @@
 #   SUPERLINK_ADDRESS  HOST:PORT of the federation's gateway (required)
 #   ORG                this organisation's name, as the coordinator registered it (required)
 #   NODE_CONFIG_EXTRA  more --node-config pairs, e.g. default-caption="a photo" (optional)
+#   REQUIRE_SECAGG     node setting require-secagg: true refuses any training message outside SecAgg+
+#                      (optional; the join kit sets true, docker/join/.env; the demo leaves it off)
 #   MAX_RETRIES        give up after this many failed connection attempts (optional; default: retry forever)
 #   NODE_KEY           node private key (default /run/fedlora/node.key)
 #   CA_CERT            federation CA (default /run/fedlora/ca.pem)
@@ -51,7 +53,7 @@ filter=$!
 # shellcheck disable=SC2086
 flower-supernode --superlink "$SUPERLINK_ADDRESS" --root-certificates "$ca" \
     --auth-supernode-private-key "$key" --isolation process --superexec-auth-secret-file "$secret" \
-    --node-config "data-dir='$data' org='$ORG' ${NODE_CONFIG_EXTRA:-}" \
+    --node-config "data-dir='$data' org='$ORG' ${REQUIRE_SECAGG:+require-secagg=$REQUIRE_SECAGG} ${NODE_CONFIG_EXTRA:-}" \
     ${MAX_RETRIES:+--max-retries "$MAX_RETRIES"} "$@" >"$tmp/output" 2>&1 &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null' TERM

@@ -7,7 +7,7 @@ a different shape, so the data is non-IID) and the same training budget, it trai
 
 - base model:   nothing (the LoRA adapter starts at zero: it is the base model);
 - alone: ORG:   one organisation on its own images, R rounds x S steps, exactly as a node trains in
-                a federation of one (client_app.local_update: the received adapter, a fresh Adam
+                a federation of one (training.local_update: the received adapter, a fresh Adam
                 optimizer each round, the node's per-round seed), keeping its own adapter;
 - FedAvg:       the real loopback federation (TLS SuperLink, one SuperNode per organisation with a
                 registered key, `flwr run`), aggregation="fedavg": R rounds, S steps per node;
@@ -54,7 +54,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from app.client_app import round_seed  # noqa: E402
+from app.training import round_seed  # noqa: E402
 from app.config import NodeConfig, RunConfig  # noqa: E402
 
 UNION = "union"
@@ -96,7 +96,7 @@ def initial_adapter(cfg: RunConfig) -> list[np.ndarray]:
 def train_rounds(cfg: RunConfig, data, start: list[np.ndarray], rounds: int, steps: int, org: str) -> list[np.ndarray]:
     """What a node computes in `rounds` rounds of a federation of one: each round it loads the
     adapter it holds, trains `steps` steps with a fresh optimizer and the node's seed for that round
-    (client_app.local_update), and keeps the result."""
+    (training.local_update), and keeps the result."""
     from app import model
 
     net = model.LoraUNet.load(cfg)

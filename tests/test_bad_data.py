@@ -2,10 +2,12 @@
 
 org-1 and org-2 hold clean demo images. `messy` holds good images plus the ways a real folder goes
 wrong: a corrupt file, a text file named .jpg, a decompression bomb, a 1x1 image, a phone photo
-stored turned with an EXIF orientation, and a notes.txt. `empty` holds only unusable files. What a
-user must get: messy takes part on its usable images and its skipped ones are counted; empty is
-left out with a message naming its folder and the problem; the run completes with the other three,
-and their aggregate is their example-weighted FedAvg.
+stored turned with an EXIF orientation, and a notes.txt. `empty` holds only unusable files. `broken`
+has a cache folder that is a file, which fails with Python's own error, path included. What a user
+must get: messy takes part on its usable images and its skipped ones are counted; empty and broken
+are left out with the problem, which reaches the coordinator without a file or folder name (those
+stay in the organisation's own log); the run completes with the other three, and their aggregate is
+their example-weighted FedAvg.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ def run(tmp_path_factory, tls, tiny_model, folders):
              for org, folder in folders.items()}
     for org in ("messy", "empty"):
         nodes[org]["default-caption"] = CAPTION
+    broken_cache = work / "cache-of-patient-4711"
+    broken_cache.write_text("a file where the node's cache folder should be\n")
+    nodes["broken"] = {"data-dir": str(folders["org-1"]), "org": "broken", "cache-dir": str(broken_cache)}
     out = work / "out"
     cfg = tiny_run_config(tiny_model, out, **{"num-server-rounds": 1, "min-nodes": 3, "sample-every": 0})
     with LocalFederation(work, tls, nodes) as fed:
@@ -85,7 +90,7 @@ def run(tmp_path_factory, tls, tiny_model, folders):
     log = result.stdout + result.stderr
     print(log[-5000:])
     assert status == "finished:completed", log[-5000:]
-    return {"out": out, "cfg": cfg, "log": log, "work": work,
+    return {"out": out, "cfg": cfg, "log": log, "work": work, "broken_cache": broken_cache,
             "node_log": {org: (work / f"{org}.log").read_text(errors="replace") for org in nodes}}
 
 
@@ -148,13 +153,24 @@ def test_the_phone_photo_was_used_upright(run, folders, tmp_path):
 
 
 def test_an_organisation_without_a_usable_image_is_left_out_with_a_clear_message(run, folders):
-    message = f"none of the {len(EMPTY_FILES)} image files in {folders['empty']} is usable"
-    # The operator sees which organisation, which folder and why; the organisation sees it in its own log.
-    assert "a node could not prepare its data: empty: " in run["log"] and message in run["log"], run["log"][-5000:]
-    assert message in run["node_log"]["empty"]
+    message = f"DataError: none of the {len(EMPTY_FILES)} image files in the data folder is usable"
+    # The operator sees which organisation and why; the organisation's own log also says which files.
+    assert f"a node could not prepare its data: empty: {message}" in run["log"], run["log"][-5000:]
+    assert message in run["node_log"]["empty"] and f"{folders['empty']}: {', '.join(sorted(EMPTY_FILES))}" in run["node_log"]["empty"]
     for name in EMPTY_FILES:
         assert f"skipping {folders['empty'] / name} (" in run["node_log"]["empty"]
     assert "empty" not in history(run["out"])[1]["aggregated"]
+
+
+def test_no_file_or_folder_name_reaches_the_coordinator(run, folders):
+    """Neither the data error's names nor the path in an unexpected error's message (issue 15, item 4)."""
+    assert "a node could not prepare its data: broken: NotADirectoryError: " in run["log"], run["log"][-5000:]
+    assert str(run["broken_cache"]) in run["node_log"]["broken"] and "Traceback" in run["node_log"]["broken"]
+    records = (run["out"] / "metrics.jsonl").read_text()
+    for text in (run["log"], records):
+        for name in (*EMPTY_FILES, *MESSY_UNUSABLE, "patient-4711", str(run["broken_cache"]),
+                     *(str(folder) for folder in folders.values())):
+            assert name not in text, name
 
 
 def test_the_aggregate_is_the_weighted_fedavg_of_the_others(run, folders):
@@ -162,7 +178,7 @@ def test_the_aggregate_is_the_weighted_fedavg_of_the_others(run, folders):
     latents their nodes cached."""
     import torch
 
-    from app.client_app import local_update
+    from app.training import local_update
 
     cfg = RunConfig.from_flower(with_defaults(run["cfg"]))
     before, after = (list(read_adapter(run["out"] / "rounds" / f"round-{r:04d}").values()) for r in (0, 1))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import benchmark_compare as bc
-from app.client_app import local_update
+from app.training import local_update
 from app.config import NodeConfig, RunConfig
 from conftest import ORGS, tiny_run_config, with_defaults
 

@@ -51,6 +51,9 @@ def test_node_config_requires_data_dir_and_org():
     ("warm-trainer-idle", 0, "'warm-trainer-idle' must be a number of seconds > 0"),
     ("train-processes", 0, "'train-processes' must be \"auto\" \\(one per GPU\\) or a number >= 1"),
     ("train-processes", "2", "'train-processes' must be"),
+    ("min-peers", 0, "'min-peers' must be a number >= 1"),
+    ("min-peers", "2", "'min-peers' must be a number >= 1"),
+    ("require-secagg", "yes", "'require-secagg' must be true or false"),
 ])
 def test_invalid_node_settings(key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -82,6 +85,14 @@ def test_private_org_metrics_need_secagg():
         RunConfig.from_flower(with_defaults({"org-metrics": "private", "aggregation": "fedavg"}))
     assert RunConfig.from_flower(with_defaults({"org-metrics": "private"})).org_metrics == "private"
     assert RunConfig.from_flower(with_defaults({})).org_metrics == "shared"
+
+
+def test_node_guard_settings_and_their_defaults():
+    base = {"data-dir": "/data", "org": "clinic-a"}
+    node = NodeConfig.from_flower(base)
+    assert (node.min_peers, node.require_secagg) == (2, False)  # the join kit turns require-secagg on
+    node = NodeConfig.from_flower(base | {"min-peers": 4, "require-secagg": True})
+    assert (node.min_peers, node.require_secagg) == (4, True)
 
 
 def test_node_share_metrics_is_a_boolean():

@@ -44,6 +44,13 @@ def test_plain_folder_uses_default_caption(tmp_path):
     assert [e.caption for e in examples] == ["a scan"] * 3
 
 
+def local_only(raised, *names) -> None:
+    """What reaches the coordinator (str) names no file or folder; the organisation's log (detail) does."""
+    for name in names:
+        assert str(name) not in str(raised.value), raised.value
+        assert str(name) in raised.value.detail, raised.value.detail
+
+
 def test_plain_folder_without_caption_says_how_to_fix(tmp_path):
     _image(tmp_path / "a.png"), _image(tmp_path / "b.png")
     with pytest.raises(DataError, match="default-caption"):
@@ -51,22 +58,30 @@ def test_plain_folder_without_caption_says_how_to_fix(tmp_path):
 
 
 def test_missing_and_empty_directories_are_clear_errors(tmp_path):
-    with pytest.raises(DataError, match="does not exist.*data-dir"):
+    with pytest.raises(DataError, match="does not exist.*data-dir") as raised:
         discover(tmp_path / "nope", None)
+    local_only(raised, tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="0 usable image"):
+    with pytest.raises(DataError, match="0 usable image") as raised:
         discover(tmp_path / "empty", "caption")
+    local_only(raised, tmp_path / "empty")
 
 
 def test_bad_metadata_names_the_line(tmp_path):
     root = _imagefolder(tmp_path / "d", 2)
     with (root / "metadata.jsonl").open("a") as f:
         f.write('{"file_name": "img0.png"}\n')
-    with pytest.raises(DataError, match=r"metadata.jsonl:3"):
+    with pytest.raises(DataError, match=r"metadata.jsonl line 3 is not a JSON object") as raised:
         discover(root, None)
-    (root / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "x"}\n')
-    with pytest.raises(DataError, match="missing.png"):
+    local_only(raised, root)
+    (root / "metadata.jsonl").write_text('{"file_name": "patient-4711.png", "text": "x"}\n')
+    with pytest.raises(DataError, match="line 1 names a file that is not in the data folder") as raised:
         discover(root, None)
+    local_only(raised, "patient-4711.png")
+    (root / "metadata.jsonl").write_text('{"file_name": "../patient-4711.png", "text": "x"}\n')
+    with pytest.raises(DataError, match="line 1 names a file outside the data folder") as raised:
+        discover(root, None)
+    local_only(raised, "patient-4711.png")
 
 
 def test_corrupt_image_is_skipped_not_fatal(tmp_path):
@@ -74,9 +89,10 @@ def test_corrupt_image_is_skipped_not_fatal(tmp_path):
     assert load_image(tmp_path / "broken.png", 32) is None
 
 
-def test_16_bit_image_names_the_file(tmp_path):
-    with pytest.raises(DataError, match=r"deep\.png.*mode I;16"):
+def test_16_bit_image_names_the_file_locally(tmp_path):
+    with pytest.raises(DataError, match=r"mode I;16") as raised:
         load_image(_image(tmp_path / "deep.png", mode="I;16"), 32)
+    local_only(raised, tmp_path / "deep.png")
 
 
 @pytest.mark.parametrize("size", [(1, 1), (10, 10), (15, 200)])
@@ -89,19 +105,21 @@ def test_too_small_image_is_skipped_not_fatal(tmp_path, caplog, size):
     assert load_image(_image(tmp_path / "half.png", size=(16, 16)), 32).shape == (32, 32, 3)  # half is enough
 
 
-def test_a_folder_without_a_usable_image_names_the_folder_and_its_files(tmp_path, tiny_model):
+def test_a_folder_without_a_usable_image_names_the_folder_and_its_files_locally(tmp_path, tiny_model):
     from app import model
 
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.png").write_bytes(b"garbage")
     _image(tmp_path / "d" / "b.png", size=(1, 1))
     cfg = RunConfig.from_flower(with_defaults(tiny_run_config(tiny_model, Path("/unused"))))
-    with pytest.raises(DataError, match=rf"none of the 2 image files in {tmp_path / 'd'} is usable: a.png, b.png "
-                                        r"\(corrupt, .*under half the training resolution"):
+    with pytest.raises(DataError, match=r"none of the 2 image files in the data folder is usable "
+                                        r"\(corrupt, .*under half the training resolution") as raised:
         model.prepare_data(cfg, NodeConfig(tmp_path / "d", "org-x", "a photo", tmp_path / "cache"))
+    local_only(raised, tmp_path / "d", "a.png", "b.png")
     _image(tmp_path / "d" / "c.png")
-    with pytest.raises(DataError, match=r"only 1 of 3 image files is usable, at least 2 are needed; skipped: a.png, b.png"):
+    with pytest.raises(DataError, match=r"only 1 of 3 image files is usable, at least 2 are needed; 2 skipped") as raised:
         model.prepare_data(cfg, NodeConfig(tmp_path / "d", "org-x", "a photo", tmp_path / "cache"))
+    local_only(raised, tmp_path / "d", "a.png", "b.png")
 
 
 def test_resize_crop_and_transparency(tmp_path):

@@ -305,7 +305,7 @@ def test_rounds_after_the_faults_equal_an_uninterrupted_run(story):
     each organisation's update (deterministic given its inputs), then their weighted mean."""
     import torch
 
-    from app.client_app import local_update
+    from app.training import local_update
 
     root = story.stack["root"]
     cfg = RunConfig.from_flower(with_defaults(CONFIG | {"base-model": str(root / "models" / "tiny-sd")}))

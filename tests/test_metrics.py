@@ -57,7 +57,7 @@ def test_a_non_finite_loss_is_exported_before_the_node_fails(tiny_model, demo_da
     from prometheus_client import REGISTRY
 
     from app import model
-    from app.client_app import local_update
+    from app.training import local_update
     from app.config import NodeConfig, RunConfig
     from conftest import tiny_run_config, with_defaults
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app import client_app, trainer
+from app import trainer, training
 from app.config import ConfigError, NodeConfig
 from test_warm import long_fit as warm_long_fit
 from test_warm import Node, largest_difference, one_thread, stop_trainers  # noqa: F401 - one_thread: autouse
@@ -68,11 +68,11 @@ def test_two_processes_compute_the_update_of_one(tiny_model, demo_data, cache):
     """Round 2 starts from round 1's global adapter: the processes' resident models must both take it."""
     n = parallel_node(tiny_model, demo_data, cache)
     warm = n.warm()
-    assert warm.prepare(n.cfg) == client_app.prepare(n.cfg, n.node)
+    assert warm.prepare(n.cfg) == training.prepare(n.cfg, n.node)
     received = n.initial_adapter()
     for rnd in (1, 2):
         # In process: one process trains on the whole batch (the in-process path never splits it).
-        one, count, report = client_app.local_update(n.cfg, n.node, received, rnd)
+        one, count, report = training.local_update(n.cfg, n.node, received, rnd)
         t0 = time.perf_counter()
         two, warm_count, warm_report = n.warm().fit(n.cfg, received, rnd)
         seconds = time.perf_counter() - t0

@@ -209,6 +209,7 @@ def test_join_node_is_hardened_and_only_its_supernode_dials_out():
     assert app["command"] == ["clientapp.sh"] and app["environment"]["HF_HUB_OFFLINE"] == "1"
     assert app["healthcheck"]["test"][-1] == "127.0.0.1:9200" and app["environment"]["METRICS_PORT"] == "9200"
     assert app["depends_on"]["supernode"]["condition"] == "service_healthy"
+    assert node["environment"]["REQUIRE_SECAGG"] == "true"  # docs/node-guard.md: on by default in the join kit
 
 
 def test_join_preflight_sees_what_the_node_sees():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import uuid
 
 import numpy as np
@@ -27,8 +28,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.compat.common import recorddict_compat as compat
 
 from app import wire
-from app.client_app import PUBLIC_FIT_METRICS, refuse_revealing_runs, secagg_when_asked
-from app.config import ConfigError, RunConfig
+from app.client_app import MODS, PUBLIC_FIT_METRICS
+from app.config import RunConfig
 from app.grid import FastGrid
 from app.secagg import (LOSS_BOUND, PrivateBoundError, QuantizationSettings, adam_update_bound, private_sums,
                         private_vector)
@@ -214,7 +215,7 @@ def _run_secagg(run_config: dict, nodes: list[dict], updates, measure_only: bool
     ids = list(range(101, 101 + len(nodes)))
     by_id = dict(zip(ids, zip(nodes, updates)))
     app = ClientApp(client_fn=lambda ctx: FixedClient(*by_id[ctx.node_id]).to_client(),
-                    mods=mods or [refuse_revealing_runs, secagg_when_asked])
+                    mods=MODS if mods is None else mods)
     contexts = {nid: Context(run_id=1, node_id=nid, node_config={"data-dir": "/d", "org": f"{org_prefix}-{nid}"} | (node_config or {}),
                              state=RecordDict(), run_config=with_defaults(run_config)) for nid in ids}
     grid = InProcessGrid(app, contexts)
@@ -321,8 +322,9 @@ def test_share_metrics_false_refuses_a_revealing_run():
     ctx = Context(run_id=1, node_id=5, node_config={"data-dir": "/nonexistent", "org": "clinic-a",
                                                    "share-metrics": False},
                   state=RecordDict(), run_config=with_defaults({}))
-    with pytest.raises(ConfigError, match=r"clinic-a does not reveal .* share-metrics=false.*org-metrics=\"private\""):
-        app(message=msg, context=ctx)
+    reply = app(message=msg, context=ctx)
+    assert re.match(r"ConfigError: organisation clinic-a does not reveal .* share-metrics=false.*org-metrics=\"private\"",
+                    reply.error.reason), reply.error.reason
 
 
 def test_share_metrics_false_takes_part_in_a_private_run():
@@ -389,3 +391,59 @@ def test_a_node_that_drops_mid_round_is_recorded_as_dropped(mode):
     assert record["num_examples"] == survivors["num_examples"]
     err = max(float(np.max(np.abs(g - u))) for g, u in zip(strategy.global_arrays, survivors["update"]))
     assert err < 1e-6, err
+
+
+def _private_rounds(withhold: bool) -> tuple[list[dict], list[dict]]:
+    """Three private rounds over the real protocol: 4 organisations, then 3 (org-104 away), then 4
+    again; what the coordinator records, as app/server_app.py records it."""
+    from app import reporting
+
+    nodes = _nodes(4, seed=21)
+    history: list[dict] = [{"round": 0, "aggregation": "secagg+", "heldout_loss": None, "seconds": {}}]
+    for rnd, k in ((1, 4), (2, 3), (3, 4)):
+        strategy, _ = _run_secagg(PRIVATE, nodes[:k], _updates(k, LR, STEPS, seed=rnd)[:k], org_prefix="org")
+        heldout = strategy.fit["heldout"]
+        if withhold:
+            heldout = reporting.private_heldout_record(rnd - 1, heldout, history)
+        history[rnd - 1] |= heldout
+        record = reporting.round_record(rnd, "secagg+", "private", sorted(strategy.org_of.values()), strategy.fit,
+                                        {"fit": 1.0, "round": 2.0})
+        record["private_errors"] = QuantizationSettings.private(LR, STEPS, k).private_errors(
+            k, W, record["num_examples"], strategy.fit["heldout"]["num_heldout"])
+        history.append(reporting.private_round(record, history) if withhold else record)
+    return history, nodes
+
+
+def _differences(history: list[dict], key: str) -> set:
+    values = [m[key] for m in history if m.get(key) is not None]
+    return {a - b for a in values for b in values}
+
+
+def test_private_records_reveal_no_organisation_when_participation_changes():
+    """The totals over org-101..104 minus those over org-101..103 are org-104's own count and figures:
+    the round that org-104 missed, and the held-out figure it did not measure, are withheld."""
+    away = 3  # org-104
+    history, nodes = _private_rounds(withhold=True)
+    n, h = nodes[away]["n"], nodes[away]["report"]["num_heldout"]
+    assert n not in _differences(history, "num_examples") and h not in _differences(history, "num_heldout")
+    # Nor is any other total of round 2 left to subtract, or its precision figures (they name the counts).
+    assert not {"num_examples", "train_loss", "skipped_images", "client_seconds_mean"} & set(history[2])
+    assert history[2]["withheld"]["would_reveal"] == ["org-104"] and set(history[2]["private_errors"]) == {"images"}
+    assert history[1]["heldout_loss"] is None and "num_heldout" not in history[1]
+    assert history[1]["heldout_withheld"]["would_reveal"] == ["org-104"]
+    assert set(history[3]["private_errors"]) == {"images", "train_loss", "heldout_loss", "update"}  # four again
+    # What stays: every figure over the same four organisations, exact.
+    assert history[1]["num_examples"] == history[3]["num_examples"] == sum(x["n"] for x in nodes)
+    assert history[0]["num_heldout"] == history[2]["num_heldout"] == sum(x["report"]["num_heldout"] for x in nodes)
+    # The negative control: recorded as before, the differences give org-104's own counts.
+    before, _ = _private_rounds(withhold=False)
+    assert n in _differences(before, "num_examples") and h in _differences(before, "num_heldout")
+
+
+def test_revealed_by_finds_any_linear_combination():
+    from app.reporting import revealed_by
+
+    assert revealed_by([["a", "b"]]) == [] and revealed_by([["a"]]) == ["a"]
+    assert revealed_by([["a", "b", "c"], ["a", "b"]]) == ["c"]
+    assert revealed_by([["a", "b", "c"], ["a", "b", "d"]]) == []  # c - d only: no one organisation's figure
+    assert revealed_by([["a", "b"], ["b", "c"], ["a", "c"]]) == ["a", "b", "c"]  # three equations, three unknowns

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app import client_app, trainer
+from app import trainer, training
 from app.config import NodeConfig, RunConfig
 from app.data import DataError
 from conftest import REPO, tiny_run_config, with_defaults
@@ -109,17 +109,17 @@ def test_warm_trainer_computes_what_the_clientapp_computes(tiny_model, demo_data
     """Two rounds: in round 2 the trainer's resident model has already trained once, the in-process
     path loads a fresh one; both must start from the global adapter they are sent."""
     n = Node(tiny_model, demo_data, cache)
-    assert n.warm().prepare(n.cfg) == client_app.prepare(n.cfg, n.node)
+    assert n.warm().prepare(n.cfg) == training.prepare(n.cfg, n.node)
     received = n.initial_adapter()
     for rnd in (1, 2):
-        here, count, report = client_app.local_update(n.cfg, n.node, received, rnd)
+        here, count, report = training.local_update(n.cfg, n.node, received, rnd)
         there, warm_count, warm_report = n.warm().fit(n.cfg, received, rnd)
         assert warm_count == count and largest_difference(here, there) <= 1e-7
         assert max(float(np.max(np.abs(u))) for u in here) > 1e-4  # a real update, not zeros on both sides
         for key in ("received_fingerprint", "heldout_loss", "train_loss", "num_heldout", "skipped_images"):
             assert warm_report[key] == pytest.approx(report[key], abs=1e-7), key
         received = [g + u for g, u in zip(received, here)]
-    loss, count, report = client_app.measure(n.cfg, n.node, received, 3)
+    loss, count, report = training.measure(n.cfg, n.node, received, 3)
     warm_loss, warm_count, warm_report = n.warm().evaluate(n.cfg, received, 3)
     assert (warm_loss, warm_count) == pytest.approx((loss, count), abs=1e-7)
     assert warm_report["received_fingerprint"] == report["received_fingerprint"]
@@ -153,7 +153,7 @@ def test_errors_of_the_computation_reach_the_clientapp_as_themselves(tiny_model,
     with pytest.raises(DataError, match="does not exist on this node") as raised:
         missing.warm().prepare(missing.cfg)
     with pytest.raises(DataError) as in_process:
-        client_app.prepare(missing.cfg, missing.node)
+        training.prepare(missing.cfg, missing.node)
     assert str(raised.value) == str(in_process.value)
     # The trainer serves on.
     alive = n.warm()
@@ -199,11 +199,11 @@ def test_a_trainer_of_other_code_never_trains_for_the_run(tiny_model, demo_data,
 
     other.wait(timeout=30)  # told to exit (or, had it not gone, stopped)
     assert conn.last_reply["pid"] != other.pid
-    expected, _, _ = client_app.local_update(n.cfg, n.node, received, 1)
+    expected, _, _ = training.local_update(n.cfg, n.node, received, 1)
     assert largest_difference(update, expected) <= 1e-7
     # What the other code computes (one step more) is told apart by that comparison.
     one_more = RunConfig.from_flower(n.run_config | {"local-steps": n.cfg.local_steps + 1})
-    assert largest_difference(update, client_app.local_update(one_more, n.node, received, 1)[0]) > 1e-5
+    assert largest_difference(update, training.local_update(one_more, n.node, received, 1)[0]) > 1e-5
 
 
 def test_a_killed_trainer_fails_its_message_and_the_next_one_starts_fresh(tiny_model, demo_data, own_cache):
@@ -254,3 +254,43 @@ def test_the_trainer_runs_from_its_own_copy_of_the_app_and_removes_it(tiny_model
     while home.exists():
         assert time.monotonic() < deadline, f"{home} is still there after the trainer exited"
         time.sleep(0.1)
+
+
+def app_imports() -> dict[str, set[str]]:
+    """Which app modules each app module imports, at its top or inside a function."""
+    import ast
+
+    graph = {}
+    for path in sorted((REPO / "app").glob("*.py")):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("app."):
+                found.add(node.module.removeprefix("app."))
+            elif isinstance(node, ast.Import):
+                found |= {a.name.removeprefix("app.") for a in node.names if a.name.startswith("app.")}
+        graph[path.stem] = {m.split(".")[0] for m in found}
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return path[path.index(module):] + [module]
+        for imported in sorted(graph.get(module, ())):
+            if cycle := visit(imported, path + [module]):
+                return cycle
+        return None
+
+    return next((c for m in sorted(graph) if (c := visit(m, []))), None)
+
+
+def test_no_app_module_imports_itself_back():
+    """The training steps live in app/training.py: the ClientApp, the warm trainer and its training
+    processes import them, and none of them the other's module back."""
+    graph = app_imports()
+    assert {"training", "trainer"} <= graph["client_app"] and "training" in graph["parallel"]
+    assert import_cycle(graph) is None, import_cycle(graph)
+    # The check sees a circle where there is one: the layout before app/training.py.
+    assert import_cycle(graph | {"trainer": graph["trainer"] | {"client_app"}}) == ["client_app", "trainer", "client_app"]
