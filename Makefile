@@ -58,7 +58,7 @@ endif
 ORGS_TOOL = $$(sed -n '1s/^\#!//p' $(FLWR_CLI)) docker/orgs.py remote-federation
 FLWR_PY = $$(sed -n '1s/^\#!//p' $(FLWR_CLI))
 # The demo silos' approved app bundles (docs/approval.md); `make up` approves this checkout's there.
-DEMO_APPROVAL_DIR ?= $(or $(shell sed -n 's/^DEMO_APPROVAL_DIR=//p' .env),./demo-approval)
+DEMO_APPROVAL_DIR ?= $(or $(shell sed -n 's/^DEMO_APPROVAL_DIR=//p' .env),./certs/demo-approval)
 # The offline demo: the tiny random model and synthetic data that `make demo` writes.
 DEMO_SETTINGS := resolution=32 num-server-rounds=2 local-steps=20 learning-rate=1e-3 heldout-fraction=0.25 sample-steps=4
 DEMO_RUN_CONFIG ?= base-model="/models/tiny-sd" output-dir="/outputs/demo" $(DEMO_SETTINGS)

@@ -230,12 +230,12 @@ def test_an_organisations_own_monitoring_stays_on_its_loopback():
                                     cwd=REPO, env=env, capture_output=True, text=True)
             assert result.returncode == 0, result.stderr
             return json.loads(result.stdout)["services"]
-        assert set(config()) == {"node"}
+        assert set(config()) == {"supernode", "clientapp"}
         services = config("--profile", "monitoring")
     finally:
         if made:
             password.unlink()
-    assert set(services) == {"node", "prometheus", "grafana", "dcgm-exporter"}
+    assert set(services) == {"supernode", "clientapp", "prometheus", "grafana", "dcgm-exporter"}
     for name in ("prometheus", "grafana", "dcgm-exporter"):
         assert set(services[name]["networks"]) == {"node"}, name
         assert all(port["host_ip"] == "127.0.0.1" for port in services[name].get("ports", [])), name
@@ -243,4 +243,4 @@ def test_an_organisations_own_monitoring_stays_on_its_loopback():
     mounts = {v["target"]: v["source"] for v in services["grafana"]["volumes"]}
     assert mounts["/var/lib/grafana/dashboards/organisation.json"].endswith("docker/grafana/dashboards/organisation.json")
     scrape = yaml.safe_load((REPO / "docker/join/prometheus.yml").read_text())["scrape_configs"]
-    assert scrape[0]["static_configs"][0]["targets"] == ["node:9200"]
+    assert scrape[0]["static_configs"][0]["targets"] == ["supernode:9200"]  # relayed to the ClientApp's exporter

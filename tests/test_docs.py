@@ -19,8 +19,6 @@ DOCS = [REPO / "README.md", REPO / "SECURITY.md", REPO / "certs" / "README.md", 
         *sorted((REPO / "docs").glob("*.md"))]
 # Written on other branches at the same time as docs/security.md, which links them; the lead merges
 # them. Once they are in, this set must go (test_pending_docs_are_not_yet_here says when).
-PENDING_DOCS = {"docs/isolation.md", "docs/approval.md", "docs/node-guard.md", "docs/privacy-notes.md",
-                "docs/threat-model.md", "docs/gateway.md"}
 # Names in the docs that are not this project's to define: Flower's, Docker's, Hugging Face's, ...
 FOREIGN_SETTINGS = {"num-supernodes", "client-resources-num-cpus", "client-resources-num-gpus"}
 
@@ -152,11 +150,11 @@ def test_every_file_the_docs_link_or_cite_exists():
         links = {m for m in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) if not re.match(r"\w+://", m)}
         for link in links:
             target = (base / link).resolve()
-            if not target.exists() and str(target.relative_to(REPO)) not in PENDING_DOCS:
+            if not target.exists():
                 missing.setdefault(name, set()).add(link)
         # Repository paths in code spans: app/x.py, docker/..., certs/..., tests/...
         for path in re.findall(r"`((?:app|docker|certs|tests|docs)/[\w./-]+\.(?:py|sh|yaml|yml|json|md|conf))`", text):
-            if not (REPO / path).exists() and path not in PENDING_DOCS:
+            if not (REPO / path).exists():
                 missing.setdefault(name, set()).add(path)
     assert not missing, f"the docs point at files that do not exist: {missing}"
 
@@ -164,12 +162,6 @@ def test_every_file_the_docs_link_or_cite_exists():
 def test_the_docs_cite_nothing_outside_the_repository():
     for name, text in docs().items():
         assert "../shared" not in text and "/work/" not in text, name
-
-
-def test_pending_docs_are_not_yet_here():
-    """When another branch's doc arrives, drop it from PENDING_DOCS so that its links are checked again."""
-    arrived = {p for p in PENDING_DOCS if (REPO / p).exists()}
-    assert not arrived, f"merged: remove {sorted(arrived)} from PENDING_DOCS in tests/test_docs.py"
 
 
 def test_every_make_target_the_docs_name_exists():

@@ -80,7 +80,7 @@ def test_every_service_is_healthy(stack):
                         capture_output=True, text=True, check=True).stdout
     services = [json.loads(line) for line in ps.splitlines() if line.strip()]
     assert {s["Service"]: s["Health"] for s in services} == {
-        n: "healthy" for n in ("superlink", "gateway", "serverapp", *NODES, "prometheus")}
+        n: "healthy" for n in ("superlink", "gateway", "serverapp", *NODES, "prometheus", "alertmanager")}
 
 
 def test_run_completed_every_round_with_all_organisations(run):
