@@ -42,6 +42,8 @@ http.server.HTTPServer(("0.0.0.0", 8080), Receiver).serve_forever()
 FAST_ALERTS = {"ALERT_WEBHOOK_URL": f"http://{RECEIVER}:8080/", "ALERT_GROUP_WAIT": "1s",
                "ALERT_GROUP_INTERVAL": "2s", "ALERT_REPEAT_INTERVAL": "1h"}
 ORG = "org-3"
+# Its SuperNode container: the one that holds the connection, whose loss the SuperLink reports.
+NODE = f"{ORG}-supernode"
 
 
 def alertmanager_with(stack, env: dict) -> None:
@@ -91,7 +93,7 @@ def wait_for(name: str, status: str, timeout: float) -> dict:
 def start_node(stack) -> None:
     """`docker start` the stopped SuperNode: unlike `docker compose start`, it does not first re-check the
     SuperLink's health, which a loaded machine can miss for a moment without the node caring."""
-    container = compose(stack, "ps", "-aq", ORG).stdout.strip()
+    container = compose(stack, "ps", "-aq", NODE).stdout.strip()
     assert container, f"no container for {ORG}"
     started = subprocess.run(["docker", "start", container], capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, started.stderr
@@ -101,7 +103,7 @@ def test_a_stopped_node_alerts_the_webhook_and_its_return_resolves_it(stack, rec
     started = time.monotonic()
     alertmanager_with(stack, FAST_ALERTS)
     try:
-        assert compose(stack, "stop", ORG).returncode == 0
+        assert compose(stack, "stop", NODE).returncode == 0
         stopped = time.monotonic()
         firing = wait_for(receiver, "firing", timeout=300)
         fired = time.monotonic()
