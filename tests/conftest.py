@@ -76,3 +76,15 @@ def stack():
     prefix = os.environ.get("FEDLORA_TEST_PROJECT_PREFIX", "fedlora")
     with compose_stack(f"{prefix}-e2e", SUPERLINK_BIND="0.0.0.0", SANS=JOIN_HOST) as s:
         yield s
+
+
+def pytest_collection_modifyitems(items):
+    """The tests on the shared Compose stack run last and together, so that the stack (started at its
+    first use, removed at the session's end) neither idles through the rest of the suite, taking CPU
+    from the loopback federations, nor runs beside tests/test_faults.py's own stack. The certificate
+    rotation goes last: it restarts the SuperLink and the gateway under everyone's feet."""
+    def group(item) -> tuple[bool, bool]:
+        shared = "stack" in getattr(item, "fixturenames", ())
+        return shared, shared and item.module.__name__ == "test_rotation"
+
+    items.sort(key=group)

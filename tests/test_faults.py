@@ -188,14 +188,14 @@ class Story:
 
 
 @pytest.fixture(scope="module")
-def stack():
+def faults_stack():
     with compose_stack("fedlora-faults", images_per_org=list(DEMO_IMAGES)) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def story(stack):
-    story = Story(stack)
+def story(faults_stack):
+    story = Story(faults_stack)
     yield story
     for run in story.runs:
         if run["make"].poll() is None:
