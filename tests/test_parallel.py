@@ -108,7 +108,7 @@ def test_processes_that_train_the_same_half_are_caught(tiny_model, demo_data, ow
     monkeypatch.setenv("FEDLORA_TEST_BREAK", "same-half")
     n = parallel_node(tiny_model, demo_data, own_cache)
     received = n.initial_adapter()
-    one, _, _ = client_app.local_update(n.cfg, n.node, received, 1)
+    one, _, _ = training.local_update(n.cfg, n.node, received, 1)
     two, _, _ = n.warm().fit(n.cfg, received, 1)
     difference = largest_difference(one, two)
     print(f"same half in both processes: largest difference {difference:.1e}")
