@@ -81,10 +81,13 @@ def stack():
 def pytest_collection_modifyitems(items):
     """The tests on the shared Compose stack run last and together, so that the stack (started at its
     first use, removed at the session's end) neither idles through the rest of the suite, taking CPU
-    from the loopback federations, nor runs beside tests/test_faults.py's own stack. The certificate
-    rotation goes last: it restarts the SuperLink and the gateway under everyone's feet."""
-    def group(item) -> tuple[bool, bool]:
+    from the loopback federations, nor runs beside tests/test_faults.py's own stack. The user's own
+    run (tests/test_stack.py) goes first, on a stack nothing has poked yet; the certificate rotation
+    last: it restarts the SuperLink and the gateway under everyone's feet."""
+    order = {"test_stack": 0, "test_rotation": 2}
+
+    def group(item) -> tuple[bool, int]:
         shared = "stack" in getattr(item, "fixturenames", ())
-        return shared, shared and item.module.__name__ == "test_rotation"
+        return shared, order.get(item.module.__name__, 1) if shared else 0
 
     items.sort(key=group)
