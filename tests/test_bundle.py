@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
 import zipfile
 
-from federation import REPO
+from test_approval import app_tree
 
 
 def test_bundle_holds_only_app_code(tmp_path):
     from flwr.cli.build import build_fab_from_disk
 
     # The tracked tree plus what a working deployment has lying around: keys, data, outputs.
-    tree = tmp_path / "app-dir"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (tree / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(REPO / name, tree / name)
+    tree = app_tree(tmp_path / "app-dir")
     for decoy in ["certs/ca.key", "certs/server.key", "certs/ca.pem", "data/org-1/metadata.jsonl",
                   "outputs/final/pytorch_lora_weights.safetensors", "outputs/metrics.json", "docker/notes.md",
                   "config.yaml", "tests/helper.py"]:
