@@ -68,7 +68,7 @@ SIM_NODES ?= 3
 SIM_RUN_CONFIG ?= base-model="$(CURDIR)/models/tiny-sd" sim-data-dir="$(CURDIR)/data" \
 	output-dir="$(CURDIR)/outputs/simulation" $(DEMO_SETTINGS)
 
-.PHONY: help install test test-fast bench bench-train compare tiny-model demo-data partition clean-venv certs rotate-certs check-certs build outputs fetch-model \
+.PHONY: help install test test-fast bench bench-scale bench-train compare tiny-model demo-data partition clean-venv certs rotate-certs check-certs build outputs fetch-model \
 	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs \
 	simulation-config simulate gpu-check
 
@@ -92,6 +92,10 @@ test-fast: install ## Unit and static tests only (no federation, no Docker stack
 
 bench: install ## Per stage and round: wall time, slowest node's compute, the rest; SecAgg+ vs plain FedAvg, tiny model
 	$(PY) tests/benchmark_rounds.py
+
+SCALE_ARGS ?=
+bench-scale: install ## N = 3, 10, 20 organisations on loopback: round time, the coordinator's CPU and memory apart from each node's (SCALE_ARGS="--orgs 3,10 --rounds 2"; ~30 min on 2 cores)
+	$(PY) tests/benchmark_scale.py $(SCALE_ARGS)
 
 bench-train: install ## One training step on this device: images/s, ms/step, memory, MFU; vs the diffusers recipe
 	$(PY) tests/benchmark_train.py

@@ -19,6 +19,8 @@ sleeps (3 s when idle, 0.5 s while a reply is awaited) cut to S, to show what th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import statistics
@@ -33,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from conftest import ORGS, load_certs_tool, tiny_run_config  # noqa: E402
-from federation import BIN, REPO, LocalFederation  # noqa: E402
+from federation import BIN, REPO, LocalFederation, approving_env, load_module  # noqa: E402
+
+bundles = load_module("bundles_tool", REPO / "docker" / "bundles.py")
 
 # Flower's SuperNode main loop (flwr/supernode/start_client_internal.py) with its `time.sleep` capped:
 # for --flower-polls only.
@@ -80,45 +84,70 @@ def import_seconds() -> list[float]:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+def org_names(n: int) -> list[str]:
+    return [f"org-{i}" for i in range(1, n + 1)]
+
+
+def local_federation(tmp: Path, orgs: int, approval: bool = True, flower_polls: float | None = None,
+                     images_per_org: int = 16) -> tuple[LocalFederation, Path]:
+    """`orgs` organisations' demo data, certificates and a loopback federation over them (not started),
+    and the tiny model. approval: each node runs Flower's commands through the app image's
+    bundle-approval wrappers, with this checkout's bundle approved, as a deployed node does."""
+    from app.offline import write_demo_data, write_tiny_model
+
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        model = write_tiny_model(tmp / "tiny-sd")
+        write_demo_data(tmp / "data", orgs=orgs, images_per_org=images_per_org)
+        load_certs_tool().generate(tmp / "certs", [])
+        if approval:
+            fab = bundles.build(REPO)
+            for org in org_names(orgs):
+                bundles.approve(fab, "this checkout", tmp / "approval" / org, "benchmark")
+    nodes = {o: {"data-dir": str(tmp / "data" / o), "org": o, "cache-dir": str(tmp / f"cache-{o}")}
+             for o in org_names(orgs)}
+    node_env = {o: approving_env(o, tmp / "approval" / o) for o in nodes} if approval else None
+    cls = functools.partial(CappedPollFederation, cap=flower_polls) if flower_polls else LocalFederation
+    return cls(tmp / "fed", tmp / "certs", nodes, node_env=node_env), model
+
+
+def run_mode(fed: LocalFederation, model: Path, out: Path, mode: str, rounds: int, local_steps: int, **settings) -> float:
+    """One run of the app in `mode`; its wall time. Exits when it did not complete every round."""
+    cfg = tiny_run_config(model, out, **{"num-server-rounds": rounds, "aggregation": mode,
+                                         "local-steps": local_steps, "sample-every": 0, **settings})
+    t0 = time.perf_counter()
+    result = fed.run_app(cfg)
+    if fed.last_run_status() != "finished:completed":
+        sys.exit(f"{mode} run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per aggregation mode")
     parser.add_argument("--local-steps", type=int, default=8, help="local training steps per round")
     parser.add_argument("--modes", default="secagg+,fedavg", help="aggregation modes to run, in order")
+    parser.add_argument("--approval", action=argparse.BooleanOptionalAction, default=True,
+                        help="nodes start Flower's processes through the bundle-approval wrappers, as the app image "
+                             "does (default); --no-approval: Flower's own commands, to measure the wrappers' share")
     parser.add_argument("--flower-polls", type=float, metavar="S",
                         help="cap the SuperNodes' hard-coded poll sleeps at S seconds (what they cost)")
     args = parser.parse_args()
 
-    from app.offline import write_demo_data, write_tiny_model
-
     with tempfile.TemporaryDirectory(prefix="fedlora-bench-") as tmp:
         tmp = Path(tmp)
-        with open(os.devnull, "w") as quiet:
-            stdout, sys.stdout = sys.stdout, quiet
-            model = write_tiny_model(tmp / "tiny-sd")
-            write_demo_data(tmp / "data", orgs=len(ORGS), images_per_org=16)
-            load_certs_tool().generate(tmp / "certs", [])
-            sys.stdout = stdout
-        nodes = {o: {"data-dir": str(tmp / "data" / o), "org": o, "cache-dir": str(tmp / f"cache-{o}")} for o in ORGS}
+        fed, model = local_federation(tmp, len(ORGS), args.approval, args.flower_polls)
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; 3 SuperNodes + SuperLink on "
               f"loopback over TLS; tiny model, 32 px, {args.local_steps} local steps x batch 4"
+              + ("; bundle approval on" if args.approval else "; no bundle approval")
               + (f"; SuperNode polls capped at {args.flower_polls} s" if args.flower_polls else ""))
         flower, ours, torch = import_seconds()
         print(f"imports of each message's fresh ClientApp process: Flower's flwr-clientapp {flower:.1f} s, app.client_app "
               f"{ours:.1f} s more, torch/diffusers {torch:.1f} s more in the stages that train or evaluate")
-        fed = (CappedPollFederation(tmp / "fed", tmp / "certs", nodes, cap=args.flower_polls) if args.flower_polls
-               else LocalFederation(tmp / "fed", tmp / "certs", nodes))
         medians = {}
         with fed:
             for mode in args.modes.split(","):
                 out = tmp / f"out-{mode}"
-                cfg = tiny_run_config(model, out, **{"num-server-rounds": args.rounds, "aggregation": mode,
-                                                     "local-steps": args.local_steps, "sample-every": 0})
-                t0 = time.perf_counter()
-                result = fed.run_app(cfg)
-                if fed.last_run_status() != "finished:completed":
-                    sys.exit(f"{mode} run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-                medians[mode] = report(mode, out, time.perf_counter() - t0)
+                medians[mode] = report(mode, out, run_mode(fed, model, out, mode, args.rounds, args.local_steps))
         overhead, compute = medians.get("secagg+", (float("nan"), float("nan")))
         print(f"\noverhead_s_per_round={overhead:.1f} compute_s_per_round={compute:.1f}")
 

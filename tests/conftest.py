@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -13,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 from app.offline import write_demo_data, write_tiny_model  # noqa: E402
+from federation import load_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ORGS = ("org-1", "org-2", "org-3")
@@ -21,10 +21,7 @@ DEMO_IMAGES = (10, 16, 24)
 
 
 def load_certs_tool():
-    spec = importlib.util.spec_from_file_location("certs_tool", REPO / "certs" / "certs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("certs_tool", REPO / "certs" / "certs.py")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ Used by the end-to-end tests and by the benchmark; nothing here is a mock.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -56,14 +57,24 @@ def offline_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def approving_env(org: str, approval: Path) -> dict[str, str]:
+    """A node's environment as the app image gives it: docker/bin's bundle-approval wrappers first on
+    PATH (Flower's SuperExec starts flwr-clientapp by name), reading `approval`/approved-bundles.txt."""
+    return {"PATH": f"{REPO / 'docker' / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}", "ORG": org,
+            "APPROVED_BUNDLES": str(approval / "approved-bundles.txt"), "REFUSED_BUNDLES_DIR": str(approval / "refused")}
+
+
+def load_module(name: str, path: Path):
+    """A script outside the app package (certs/, docker/) as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_node_key(path: Path) -> Path:
     """An organisation's node key pair, made by the tool `make org-key` runs: PATH and PATH.pub."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("node_key", REPO / "certs" / "node_key.py")
-    node_key = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(node_key)
-    return node_key.create(path.parent, path.stem)[0]
+    return load_module("node_key", REPO / "certs" / "node_key.py").create(path.parent, path.stem)[0]
 
 
 class LocalFederation:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib.util
 import inspect
 import os
 import shutil
@@ -21,20 +20,13 @@ from pathlib import Path
 import pytest
 
 from app.admission import BUNDLE_REFUSED
-from federation import BIN, REPO, LocalFederation, kv
+from federation import REPO, LocalFederation, approving_env, kv, load_module
 
 GUARD = REPO / "docker" / "bundle_guard.py"
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bundle_guard = _load("bundle_guard", GUARD)
-bundles = _load("bundles_tool", REPO / "docker" / "bundles.py")
+bundle_guard = load_module("bundle_guard", GUARD)
+bundles = load_module("bundles_tool", REPO / "docker" / "bundles.py")
 
 
 def app_tree(dest: Path, marker: Path | None = None) -> Path:
@@ -298,8 +290,7 @@ def test_flower_installs_and_loads_under_flwr_home_read_at_each_call(tmp_path, m
 
 
 def test_the_wrappers_run_flowers_own_entry_points(tmp_path):
-    env = os.environ | {"PATH": f"{REPO / 'docker' / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
-                        "TMPDIR": str(tmp_path)}
+    env = os.environ | {"PATH": approving_env("org-1", tmp_path)["PATH"], "TMPDIR": str(tmp_path)}
     # An install home left by a process that was killed is removed by the next one; a live one's stays.
     (tmp_path / "fedlora-app-999999999-x" / "apps").mkdir(parents=True)
     (tmp_path / "fedlora-app-999999999-x").chmod(0o555)
@@ -341,9 +332,7 @@ def _federation_settings(tmp_path: Path, tiny_model: Path, demo_data: Path):
     with the wrappers first on PATH (as the app image has them); a one-round run on the tiny model."""
     orgs = {f"n{i}": {"org": f"org-{i}", "data-dir": str(demo_data / f"org-{i}")} for i in (1, 2, 3)}
     approval = {name: tmp_path / "approval" / cfg["org"] for name, cfg in orgs.items()}
-    node_env = {name: {"PATH": f"{REPO / 'docker' / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
-                       "ORG": cfg["org"], "APPROVED_BUNDLES": str(approval[name] / "approved-bundles.txt"),
-                       "REFUSED_BUNDLES_DIR": str(approval[name] / "refused")} for name, cfg in orgs.items()}
+    node_env = {name: approving_env(cfg["org"], approval[name]) for name, cfg in orgs.items()}
     config = {"base-model": str(tiny_model), "resolution": 32, "num-server-rounds": 1, "local-steps": 2,
               "batch-size": 4, "heldout-fraction": 0.25, "eval-timesteps": 2, "sample-every": 0,
               "output-dir": str(tmp_path / "out"), "node-wait-timeout": 20, "round-timeout": 300}
