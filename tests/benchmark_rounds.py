@@ -89,7 +89,7 @@ def org_names(n: int) -> list[str]:
 
 
 def local_federation(tmp: Path, orgs: int, approval: bool = True, flower_polls: float | None = None,
-                     images_per_org: int = 16) -> tuple[LocalFederation, Path]:
+                     images_per_org: int = 16, node_nice: int = 0) -> tuple[LocalFederation, Path]:
     """`orgs` organisations' demo data, certificates and a loopback federation over them (not started),
     and the tiny model. approval: each node runs Flower's commands through the app image's
     bundle-approval wrappers, with this checkout's bundle approved, as a deployed node does."""
@@ -107,7 +107,7 @@ def local_federation(tmp: Path, orgs: int, approval: bool = True, flower_polls: 
              for o in org_names(orgs)}
     node_env = {o: approving_env(o, tmp / "approval" / o) for o in nodes} if approval else None
     cls = functools.partial(CappedPollFederation, cap=flower_polls) if flower_polls else LocalFederation
-    return cls(tmp / "fed", tmp / "certs", nodes, node_env=node_env), model
+    return cls(tmp / "fed", tmp / "certs", nodes, node_env=node_env, node_nice=node_nice), model
 
 
 def run_mode(fed: LocalFederation, model: Path, out: Path, mode: str, rounds: int, local_steps: int, **settings) -> float:
@@ -116,8 +116,10 @@ def run_mode(fed: LocalFederation, model: Path, out: Path, mode: str, rounds: in
                                          "local-steps": local_steps, "sample-every": 0, **settings})
     t0 = time.perf_counter()
     result = fed.run_app(cfg)
-    if fed.last_run_status() != "finished:completed":
-        sys.exit(f"{mode} run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    if (status := fed.last_run_status()) != "finished:completed":
+        superlink = "\n".join(fed.log("superlink").splitlines()[-40:])
+        sys.exit(f"{mode} run ended {status}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n"
+                 f"the SuperLink's log ends:\n{superlink}")
     return time.perf_counter() - t0
 
 

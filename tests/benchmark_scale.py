@@ -13,15 +13,16 @@ samples every process of it four times a second (psutil), attributing each to:
 - node ORG:   its flower-supernode, its SuperExec, the flwr-clientapp processes it starts per
               message, and its warm trainer (found by its --org; it runs in a session of its own).
 
-Per N and mode it prints rounds completed, round 1's prepare (admission: every node's first data
-preparation), and for the rounds after round 1 (medians): the round's wall time and its overhead
-(wall minus the slowest node's compute, as `make bench`), the coordinator's CPU seconds per round
-(SuperLink, ServerApp; each round from the previous round's checkpoint to its own) and the nodes'
-CPU seconds per round, all of them together; then peak memory: SuperLink, ServerApp, the largest
-node, and the machine's memory in use above its level before the run. Memory is resident set size
-summed over a party's processes (shared library pages count in each). CPU of a process that exits
-between two samples is undercounted by at most a quarter of a second: the fresh flwr-clientapp
-processes lose a little, the long-lived coordinator processes nothing.
+Per N it first measures the SuperLink with the N nodes connected and no run for 20 s ("idle": the
+cores their polls keep busy), then, per mode, rounds completed, round 1's prepare (admission: every
+node's first data preparation), and for the rounds after round 1 (medians): the round's wall time
+and its overhead (wall minus the slowest node's compute, as `make bench`), the coordinator's CPU
+seconds per round (SuperLink, ServerApp; each round from the previous round's checkpoint to its own)
+and the nodes' CPU seconds per round, all of them together; then peak memory: SuperLink, ServerApp,
+the largest node, and the machine's memory in use above its level before the nodes started. Memory
+is resident set size summed over a party's processes (shared library pages count in each). CPU of a
+process that exits between two samples is undercounted by at most a quarter of a second: the fresh
+flwr-clientapp processes lose a little, the long-lived coordinator processes nothing.
 
 On one host every node shares the same cores, so round wall time here grows with N through the
 nodes' own work (N fresh ClientApp processes per stage on 2 cores). In a real federation each
@@ -32,6 +33,7 @@ apart. The last line is for scripts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -52,17 +54,20 @@ from benchmark_rounds import local_federation, run_mode  # noqa: E402
 
 SUPERLINK, SERVERAPP = "SuperLink", "ServerApp"
 GIB = 2**30
+IDLE_SECONDS = 20
+# The nodes' niceness: with many nodes on one host, the coordinator keeps the CPU share it would have
+# on a host of its own (at N = 20 unniced, its run heartbeats starved and the SuperLink failed the run).
+NODE_NICE = 10
 
 
 class Meter:
     """Samples the federation's processes: per party, cumulative CPU seconds and resident memory."""
 
-    def __init__(self, fed, interval: float = 0.25) -> None:
-        self.fed, self.interval = fed, interval
+    def __init__(self, fed, used_before: float, interval: float = 0.25) -> None:
+        self.fed, self.used_before, self.interval = fed, used_before, interval
         self.cpu: dict[int, tuple[str, list[tuple[float, float]]]] = {}  # pid: (party, [(t, cpu seconds)])
         self.rss: dict[str, float] = defaultdict(float)  # party: peak summed RSS
         self.used_peak = 0.0
-        self.used_before = psutil.virtual_memory().used
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -130,20 +135,29 @@ def round_ends(out: Path) -> list[float]:
     return [mtime - offset for _, mtime in ends]
 
 
-def measure(n: int, rounds: int, local_steps: int, modes: list[str]) -> list[dict]:
+def measure(n: int, rounds: int, local_steps: int, modes: list[str], nice: int = NODE_NICE,
+            keep: Path | None = None) -> list[dict]:
     rows = []
-    with tempfile.TemporaryDirectory(prefix=f"fedlora-scale-{n}-") as tmp:
-        tmp = Path(tmp)
-        fed, model = local_federation(tmp, n)
+    with contextlib.ExitStack() as stack:
+        tmp = keep / f"scale-{n}" if keep else Path(stack.enter_context(tempfile.TemporaryDirectory(
+            prefix=f"fedlora-scale-{n}-")))
+        tmp.mkdir(parents=True, exist_ok=True)
+        fed, model = local_federation(tmp, n, node_nice=nice)
+        used_before = psutil.virtual_memory().used  # before any node starts
         t0 = time.perf_counter()
         with fed:
             started = time.perf_counter() - t0
+            # What N connected nodes cost the SuperLink with no run: their polls alone.
+            with Meter(fed, used_before) as meter:
+                a = time.monotonic()
+                time.sleep(IDLE_SECONDS)
+            idle = meter.cpu_seconds(a, time.monotonic())[SUPERLINK] / IDLE_SECONDS
             for mode in modes:
                 out = tmp / f"out-{mode}"
-                with Meter(fed) as meter:
+                with Meter(fed, used_before) as meter:
                     wall = run_mode(fed, model, out, mode, rounds, local_steps, **{
                         "min-nodes": n, "node-wait-timeout": 600, "round-timeout": 1800, "eval-timesteps": 2})
-                rows.append(summarise(n, mode, rounds, out, meter, wall, started))
+                rows.append(summarise(n, mode, rounds, out, meter, wall, started) | {"superlink_idle_cores": idle})
                 print_row(rows[-1])
     return rows
 
@@ -171,13 +185,13 @@ def summarise(n: int, mode: str, rounds: int, out: Path, meter: Meter, wall: flo
     }
 
 
-HEADER = (f"{'N':>3} {'mode':<8} {'rounds':>6} {'prepare':>8} {'round':>7} {'overhead':>8} | {'SuperLink':>9} "
+HEADER = (f"{'N':>3} {'mode':<8} {'rounds':>6} {'prepare':>8} {'round':>7} {'overhead':>8} | {'idle':>5} {'SuperLink':>9} "
           f"{'ServerApp':>9} {'nodes':>7} | {'SuperLink':>9} {'ServerApp':>9} {'node max':>8} {'all':>6}")
 
 
 def print_row(r: dict) -> None:
     print(f"{r['orgs']:>3} {r['mode']:<8} {r['rounds']:>6} {r['prepare_s']:>8.1f} {r['round_s']:>7.1f} "
-          f"{r['overhead_s']:>8.1f} | {r['superlink_cpu_s']:>9.1f} {r['serverapp_cpu_s']:>9.1f} {r['nodes_cpu_s']:>7.1f} | "
+          f"{r['overhead_s']:>8.1f} | {r['superlink_idle_cores']:>5.2f} {r['superlink_cpu_s']:>9.1f} {r['serverapp_cpu_s']:>9.1f} {r['nodes_cpu_s']:>7.1f} | "
           f"{r['superlink_gib']:>9.2f} {r['serverapp_gib']:>9.2f} {r['node_gib']:>8.2f} {r['more_memory_gib']:>6.1f}",
           flush=True)
 
@@ -188,17 +202,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds per aggregation mode (the figures: after the first)")
     parser.add_argument("--local-steps", type=int, default=4, help="local training steps per round")
     parser.add_argument("--modes", default="secagg+,fedavg", help="aggregation modes, in order")
+    parser.add_argument("--nice", type=int, default=NODE_NICE, help="the nodes' niceness (0: none)")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR and keep it (logs, outputs)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     sizes = [int(n) for n in args.orgs.split(",")]
     print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / GIB:.0f} GiB, load average "
           f"{os.getloadavg()[0]:.1f}; loopback federations over TLS with bundle approval and warm trainers; tiny model, "
-          f"32 px, {args.rounds} rounds x {args.local_steps} local steps x batch 4 per mode")
+          f"32 px, {args.rounds} rounds x {args.local_steps} local steps x batch 4 per mode; nodes at nice {args.nice}")
     print("seconds: round 1's prepare (admission), then the median round after round 1: wall, overhead, CPU s "
-          "per party; GiB peak resident "
-          "('all': the machine's memory in use above its level before the run)")
+          f"per party; idle: the SuperLink's cores in use over {IDLE_SECONDS} s with the nodes connected and no run; "
+          "GiB peak resident "
+          "('all': the machine's memory in use above its level before the nodes started)")
     print(HEADER, flush=True)
-    rows = [row for n in sizes for row in measure(n, args.rounds, args.local_steps, args.modes.split(","))]
+    rows = [row for n in sizes
+            for row in measure(n, args.rounds, args.local_steps, args.modes.split(","), args.nice, args.keep)]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     largest = [r for r in rows if r["orgs"] == max(sizes)]

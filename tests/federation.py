@@ -82,14 +82,15 @@ class LocalFederation:
     registered under its organisation's name with docker/orgs.py (what `make register-org` runs)."""
 
     def __init__(self, workdir: Path, certs: Path, nodes: dict[str, dict], threads_per_node: int = 1,
-                 guard: bool = True, node_env: dict[str, dict[str, str]] | None = None) -> None:
+                 guard: bool = True, node_env: dict[str, dict[str, str]] | None = None, node_nice: int = 0) -> None:
         self.workdir, self.certs, self.nodes = workdir, certs, nodes
+        # Many nodes on one host: niced, they leave the coordinator the CPU it has on its own host.
+        self.node_nice = node_nice
         # guard=False: Flower's own flower-superlink, only to show what the Fleet guard refuses.
         self.guard = guard
         # Several CPU nodes share this machine's cores: torch's default of one thread per core in
         # every node oversubscribes them many times over.
         self.node_env = {"OMP_NUM_THREADS": str(threads_per_node)}
-        self.node_envs = node_env or {}  # more environment, by node name
         self.node_envs = node_env or {}  # more environment, by node name
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
@@ -101,6 +102,8 @@ class LocalFederation:
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         out = open(self.workdir / f"{name}.log", "wb")
+        if name in self.nodes and self.node_nice:
+            args = ["nice", "-n", str(self.node_nice), *args]  # inherited by every process the node starts
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env | (env or {}), cwd=self.workdir)
         self.procs[name] = proc
         return proc
