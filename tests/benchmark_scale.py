@@ -19,7 +19,7 @@ node's first data preparation), and for the rounds after round 1 (medians): the 
 and its overhead (wall minus the slowest node's compute, as `make bench`), the coordinator's CPU
 seconds per round (SuperLink, ServerApp; each round from the previous round's checkpoint to its own)
 and the nodes' CPU seconds per round, all of them together; then peak memory: SuperLink, ServerApp,
-the largest node, and the machine's memory in use above its level before the nodes started. Memory
+the largest node, and all of the federation's processes together. Memory
 is resident set size summed over a party's processes (shared library pages count in each). CPU of a
 process that exits between two samples is undercounted by at most a quarter of a second: the fresh
 flwr-clientapp processes lose a little, the long-lived coordinator processes nothing.
@@ -63,11 +63,11 @@ NODE_NICE = 10
 class Meter:
     """Samples the federation's processes: per party, cumulative CPU seconds and resident memory."""
 
-    def __init__(self, fed, used_before: float, interval: float = 0.25) -> None:
-        self.fed, self.used_before, self.interval = fed, used_before, interval
+    def __init__(self, fed, interval: float = 0.25) -> None:
+        self.fed, self.interval = fed, interval
         self.cpu: dict[int, tuple[str, list[tuple[float, float]]]] = {}  # pid: (party, [(t, cpu seconds)])
         self.rss: dict[str, float] = defaultdict(float)  # party: peak summed RSS
-        self.used_peak = 0.0
+        self.total = 0.0  # peak RSS of all the federation's processes together
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -114,7 +114,7 @@ class Meter:
                 rss[name] += mem
             for name, total in rss.items():
                 self.rss[name] = max(self.rss[name], total)
-            self.used_peak = max(self.used_peak, psutil.virtual_memory().used - self.used_before)
+            self.total = max(self.total, sum(rss.values()))
 
     def cpu_seconds(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds each party spent between two monotonic times."""
@@ -143,18 +143,17 @@ def measure(n: int, rounds: int, local_steps: int, modes: list[str], nice: int =
             prefix=f"fedlora-scale-{n}-")))
         tmp.mkdir(parents=True, exist_ok=True)
         fed, model = local_federation(tmp, n, node_nice=nice)
-        used_before = psutil.virtual_memory().used  # before any node starts
         t0 = time.perf_counter()
         with fed:
             started = time.perf_counter() - t0
             # What N connected nodes cost the SuperLink with no run: their polls alone.
-            with Meter(fed, used_before) as meter:
+            with Meter(fed) as meter:
                 a = time.monotonic()
                 time.sleep(IDLE_SECONDS)
             idle = meter.cpu_seconds(a, time.monotonic())[SUPERLINK] / IDLE_SECONDS
             for mode in modes:
                 out = tmp / f"out-{mode}"
-                with Meter(fed, used_before) as meter:
+                with Meter(fed) as meter:
                     wall = run_mode(fed, model, out, mode, rounds, local_steps, **{
                         "min-nodes": n, "node-wait-timeout": 600, "round-timeout": 1800, "eval-timesteps": 2})
                 rows.append(summarise(n, mode, rounds, out, meter, wall, started) | {"superlink_idle_cores": idle})
@@ -181,7 +180,7 @@ def summarise(n: int, mode: str, rounds: int, out: Path, meter: Meter, wall: flo
         "serverapp_cpu_s": statistics.median(c[SERVERAPP] for c in steady_cpu),
         "nodes_cpu_s": statistics.median(sum(c[o] for o in nodes) for c in steady_cpu),
         "superlink_gib": meter.rss[SUPERLINK] / GIB, "serverapp_gib": meter.rss[SERVERAPP] / GIB,
-        "node_gib": max(meter.rss[o] for o in nodes) / GIB, "more_memory_gib": meter.used_peak / GIB,
+        "node_gib": max(meter.rss[o] for o in nodes) / GIB, "federation_gib": meter.total / GIB,
     }
 
 
@@ -192,7 +191,7 @@ HEADER = (f"{'N':>3} {'mode':<8} {'rounds':>6} {'prepare':>8} {'round':>7} {'ove
 def print_row(r: dict) -> None:
     print(f"{r['orgs']:>3} {r['mode']:<8} {r['rounds']:>6} {r['prepare_s']:>8.1f} {r['round_s']:>7.1f} "
           f"{r['overhead_s']:>8.1f} | {r['superlink_idle_cores']:>5.2f} {r['superlink_cpu_s']:>9.1f} {r['serverapp_cpu_s']:>9.1f} {r['nodes_cpu_s']:>7.1f} | "
-          f"{r['superlink_gib']:>9.2f} {r['serverapp_gib']:>9.2f} {r['node_gib']:>8.2f} {r['more_memory_gib']:>6.1f}",
+          f"{r['superlink_gib']:>9.2f} {r['serverapp_gib']:>9.2f} {r['node_gib']:>8.2f} {r['federation_gib']:>6.1f}",
           flush=True)
 
 
@@ -213,7 +212,7 @@ def main() -> None:
     print("seconds: round 1's prepare (admission), then the median round after round 1: wall, overhead, CPU s "
           f"per party; idle: the SuperLink's cores in use over {IDLE_SECONDS} s with the nodes connected and no run; "
           "GiB peak resident "
-          "('all': the machine's memory in use above its level before the nodes started)")
+          "('all': every process of the federation together)")
     print(HEADER, flush=True)
     rows = [row for n in sizes
             for row in measure(n, args.rounds, args.local_steps, args.modes.split(","), args.nice, args.keep)]

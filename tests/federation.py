@@ -183,14 +183,18 @@ class LocalFederation:
 
     def __enter__(self) -> LocalFederation:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.start_superlink()
-        self.flwr_home.mkdir(exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.certs / "ca.pem"}"\ninsecure = false\n'
-        )
-        for name in self.nodes:
-            self.start_supernode(name)
+        try:
+            self.start_superlink()
+            self.flwr_home.mkdir(exist_ok=True)
+            (self.flwr_home / "config.toml").write_text(
+                f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
+                f'root-certificates = "{self.certs / "ca.pem"}"\ninsecure = false\n'
+            )
+            for name in self.nodes:
+                self.start_supernode(name)
+        except BaseException:  # a failed or interrupted start leaves no process behind
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
