@@ -110,12 +110,13 @@ def local_federation(tmp: Path, orgs: int, approval: bool = True, flower_polls: 
     return cls(tmp / "fed", tmp / "certs", nodes, node_env=node_env, node_nice=node_nice), model
 
 
-def run_mode(fed: LocalFederation, model: Path, out: Path, mode: str, rounds: int, local_steps: int, **settings) -> float:
+def run_mode(fed: LocalFederation, model: Path, out: Path, mode: str, rounds: int, local_steps: int,
+             timeout: float = 900, **settings) -> float:
     """One run of the app in `mode`; its wall time. Exits when it did not complete every round."""
     cfg = tiny_run_config(model, out, **{"num-server-rounds": rounds, "aggregation": mode,
                                          "local-steps": local_steps, "sample-every": 0, **settings})
     t0 = time.perf_counter()
-    result = fed.run_app(cfg)
+    result = fed.run_app(cfg, timeout=timeout)
     if (status := fed.last_run_status()) != "finished:completed":
         superlink = "\n".join(fed.log("superlink").splitlines()[-40:])
         sys.exit(f"{mode} run ended {status}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n"

@@ -154,7 +154,7 @@ def measure(n: int, rounds: int, local_steps: int, modes: list[str], nice: int =
             for mode in modes:
                 out = tmp / f"out-{mode}"
                 with Meter(fed) as meter:
-                    wall = run_mode(fed, model, out, mode, rounds, local_steps, **{
+                    wall = run_mode(fed, model, out, mode, rounds, local_steps, timeout=3 * 3600, **{
                         "min-nodes": n, "node-wait-timeout": 600, "round-timeout": 1800, "eval-timesteps": 2})
                 rows.append(summarise(n, mode, rounds, out, meter, wall, started) | {"superlink_idle_cores": idle})
                 print_row(rows[-1])
