@@ -33,6 +33,17 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_model(tmp_path_factory) -> Path:
+    """`make pretrain`'s recipe, short (tests/test_pretrain.py states what it must reach)."""
+    from app.pretrain import pretrain
+    from test_pretrain import SHORT_UNET_STEPS, SHORT_VAE_STEPS
+
+    out = tmp_path_factory.mktemp("digits-sd") / "model"
+    pretrain(out, vae_steps=SHORT_VAE_STEPS, unet_steps=SHORT_UNET_STEPS)
+    return out
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     write_demo_data(root, orgs=len(ORGS), images_per_org=list(DEMO_IMAGES))
