@@ -455,6 +455,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 tables.append(test_table(cfg, tests, adapters, unseen))
                 seconds[f"seed {seed}: testing"] = time.perf_counter() - t0
+                print(f"seed {seed}: union test loss: " + ", ".join(f"{m} {row[UNION]:.4f}" for m, row in tables[-1].items()))
                 runs_record.append({"seed": seed, "rounds_chosen": {m: r for m, (r, _) in chosen.items()},
                                     "validation_losses": {m: v for m, (_, v) in chosen.items()},
                                     "test_loss": tables[-1]})

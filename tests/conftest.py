@@ -38,8 +38,17 @@ def digits_model(tmp_path_factory) -> Path:
     from app.pretrain import pretrain
     from test_pretrain import SHORT_UNET_STEPS, SHORT_VAE_STEPS
 
+    import torch
+
+    # One thread: two OpenMP threads on a shared 2-core machine spin at every barrier while the
+    # other cores' work runs (the VAE steps ran 20x slower so beside a benchmark).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("digits-sd") / "model"
-    pretrain(out, vae_steps=SHORT_VAE_STEPS, unet_steps=SHORT_UNET_STEPS)
+    try:
+        pretrain(out, vae_steps=SHORT_VAE_STEPS, unet_steps=SHORT_UNET_STEPS)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
