@@ -40,8 +40,9 @@ def digits_model(tmp_path_factory) -> Path:
 
     import torch
 
-    # One thread: two OpenMP threads on a shared 2-core machine spin at every barrier while the
-    # other cores' work runs (the VAE steps ran 20x slower so beside a benchmark).
+    # One thread: the session's federation nodes run one each too, and two OpenMP threads on a
+    # shared 2-core machine wait on each other at every step (beside another benchmark the recipe's
+    # VAE steps took 3.4 s each on two threads, 0.12 s on a quiet machine).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("digits-sd") / "model"
