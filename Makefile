@@ -68,7 +68,7 @@ SIM_NODES ?= 3
 SIM_RUN_CONFIG ?= base-model="$(CURDIR)/models/tiny-sd" sim-data-dir="$(CURDIR)/data" \
 	output-dir="$(CURDIR)/outputs/simulation" $(DEMO_SETTINGS)
 
-.PHONY: help install test test-fast bench bench-scale bench-train compare tiny-model demo-data partition clean-venv certs rotate-certs check-certs build outputs fetch-model \
+.PHONY: help install test test-fast bench bench-scale bench-train compare compare-data pretrain tiny-model demo-data partition clean-venv certs rotate-certs check-certs build outputs fetch-model \
 	local-images up up-gpu down run demo logs ps clean flwr-config register-org unregister-org orgs \
 	simulation-config simulate gpu-check
 
@@ -100,9 +100,25 @@ bench-scale: install ## N = 3, 10, 20 organisations on loopback: round time, the
 bench-train: install ## One training step on this device: images/s, ms/step, memory, MFU; vs the diffusers recipe
 	$(PY) tests/benchmark_train.py
 
+# `make compare`'s protocol (docs/performance.md, "Does federating pay?"): the pretrained digits
+# base, and the digits it never saw in 3 organisations with Dirichlet label skew, 40 training images
+# each, a quarter of each organisation's draw kept aside as its test set.
+DIGITS_MODEL := models/digits-sd
+COMPARE_DATA ?= data/digits
 COMPARE_ARGS ?=
-compare: install ## Does federating pay? Held-out loss: base, each org alone, FedAvg, SecAgg+, pooled (COMPARE_ARGS="--rounds 5 --data-dir data")
-	$(PY) tests/benchmark_compare.py $(COMPARE_ARGS)
+compare: install $(DIGITS_MODEL)/model_index.json $(COMPARE_DATA)/org-1/metadata.jsonl ## Does federating pay? Test loss, 3 seeds, early stopping: base, each org alone, FedAvg, SecAgg+, pooled (pretrained digits base; COMPARE_ARGS="--data-dir data --model ...")
+	$(PY) tests/benchmark_compare.py --data-dir $(COMPARE_DATA) $(COMPARE_ARGS)
+
+compare-data: install ## Write `make compare`'s organisations to data/digits (COMPARE_DATA): digits 5-9, Dirichlet alpha 0.3, 40 images each, test/ folders
+	$(PY) -m app.partition sklearn-digits --out "$(COMPARE_DATA)" --partitions 3 --alpha 0.3 --seed 0 \
+		--test-fraction 0.25 --max-images 40 $(PARTITION_ARGS)
+$(COMPARE_DATA)/org-1/metadata.jsonl:
+	$(MAKE) --no-print-directory compare-data
+
+pretrain: install ## Train the offline base models/digits-sd: the tiny pipeline on scikit-learn's digits 0-4 (VAE, then UNet; ~3 min on 2 cores)
+	HF_HUB_OFFLINE=1 $(PY) -m app.pretrain $(DIGITS_MODEL)
+$(DIGITS_MODEL)/model_index.json:
+	$(MAKE) --no-print-directory pretrain
 
 tiny-model: install ## Write the offline tiny Stable Diffusion pipeline to models/tiny-sd (tests, demo)
 	HF_HUB_OFFLINE=1 $(PY) -m app.offline tiny-model models/tiny-sd
@@ -117,7 +133,7 @@ PARTITIONS ?= 3
 ALPHA ?=
 SEED ?= 0
 PARTITION_ARGS ?=
-partition: install ## Split a Hugging Face or local dataset into organisations' folders in DATA_DIR (DATASET=... PARTITIONS=3 ALPHA=0.5 PARTITION_ARGS=--force)
+partition: install ## Split a Hugging Face or local dataset (or DATASET=sklearn-digits, built in) into organisations' folders in DATA_DIR (DATASET=... PARTITIONS=3 ALPHA=0.5 PARTITION_ARGS="--force --test-fraction 0.25")
 	$(PY) -m app.partition $(if $(DATASET),"$(DATASET)") --out "$(DATA_DIR)" --partitions $(PARTITIONS) \
 		$(if $(ALPHA),--alpha $(ALPHA)) --seed $(SEED) $(PARTITION_ARGS)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from app.data import IMAGE_SUFFIXES, METADATA, MIN_IMAGES
 from app.offline import _int_at_least
+from app.pretrain import CAPTION as DIGITS_CAPTION, DIGITS_SOURCE, ORG_CLASSES
 
 DEFAULT_DATASET = "nkirschi/oxford-flowers"
 DEFAULT_TEMPLATE = "a photo of a {label}"
@@ -63,7 +64,12 @@ KNOWN_DATASETS = {
         "label_names": {str(number): name for number, name in enumerate(_OXFORD_FLOWERS, start=1)},
         "template": "a photo of a {label}, a type of flower",
     },
+    # Built in, no download: scikit-learn's handwritten digits that `make pretrain`'s base never saw.
+    DIGITS_SOURCE: {"template": DIGITS_CAPTION},
 }
+# Where --test-fraction puts each organisation's test images: beside the organisations' folders,
+# never inside one, so no node reads them.
+TEST_DIR = "test"
 # Formats the nodes read, as Pillow names them; anything else is re-encoded as PNG.
 _SUFFIX_BY_FORMAT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tiff"}
 
@@ -86,6 +92,10 @@ def load(source: str, split: str):
     import datasets
 
     path = Path(source).expanduser()
+    if source == DIGITS_SOURCE:
+        from app.pretrain import digits_dataset
+
+        return digits_dataset()
     try:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))
@@ -182,7 +192,24 @@ def split_dataset(args) -> tuple[list, str, str | None]:
         raise PartitionError(
             f"Dirichlet alpha={args.alpha} left an organisation with fewer than {args.min_images} images, draw after "
             f"draw ({err}): raise --alpha, lower --partitions or --min-images") from None
-    return partitions, image_column, label_column
+    return [_hold_out(p, args) for p in partitions], image_column, label_column
+
+
+def _hold_out(partition, args) -> tuple:
+    """(training part, test part or None) of one organisation's partition: --test-fraction of its
+    images (a seeded random draw, so the test set has the organisation's label mix) for testing,
+    then at most --max-images of the rest for training."""
+    if not args.test_fraction and not args.max_images:
+        return partition, None
+    order = partition.shuffle(seed=args.seed, keep_in_memory=True)
+    n_test = round(len(order) * args.test_fraction)
+    train = order.select(range(n_test, len(order)), keep_in_memory=True)
+    if args.max_images:
+        train = train.select(range(min(args.max_images, len(train))), keep_in_memory=True)
+    if len(train) < MIN_IMAGES or (args.test_fraction and n_test == 0):
+        raise PartitionError(f"an organisation of {len(partition)} images leaves {len(train)} to train on and "
+                             f"{n_test} to test: lower --test-fraction, raise --max-images or use fewer --partitions")
+    return train, order.select(range(n_test), keep_in_memory=True) if n_test else None
 
 
 def _image_bytes(value: dict) -> tuple[bytes, str]:
@@ -272,8 +299,15 @@ def parse_args(argv: list[str] | None):
                         help=f"caption from the label, e.g. \"a photo of a {{label}}, a type of flower\" (default: "
                              f"{DEFAULT_TEMPLATE!r}, or the known dataset's own)")
     parser.add_argument("--caption-column", help="take each image's caption from this column instead of the template")
+    parser.add_argument("--test-fraction", type=float, default=0.0,
+                        help=f"put this share of each organisation's images in OUT/{TEST_DIR}/ORG, which no node "
+                             "reads: a test set for reported figures (`make compare`) (default: 0)")
+    parser.add_argument("--max-images", type=_int_at_least(MIN_IMAGES),
+                        help="at most this many training images per organisation (default: all)")
     parser.add_argument("--force", action="store_true", help="replace organisation folders that already exist")
     args = parser.parse_args(argv)
+    if not 0 <= args.test_fraction < 1:
+        parser.error(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
     if args.caption_column and args.caption_template:
         parser.error("give --caption-column or --caption-template, not both")
     pattern = _org_pattern()
@@ -294,8 +328,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args, names: list[str]) -> None:
     folders = [args.out / name for name in names]
+    tests = [args.out / TEST_DIR / name for name in names]
     # Checked before anything is loaded or written: a split half written over is worse than none.
-    existing = [f for f in folders if f.exists() and (not f.is_dir() or any(f.iterdir()))]
+    existing = [f for f in folders + tests if f.exists() and (not f.is_dir() or any(f.iterdir()))]
     if existing and not args.force:
         raise PartitionError(f"{', '.join(map(str, existing))} already exist{'s' if len(existing) == 1 else ''}: "
                              "an organisation's folder is only replaced with --force (or choose another --out or --prefix)")
@@ -310,13 +345,16 @@ def run(args, names: list[str]) -> None:
     if not args.caption_column:
         _check_template(template)
 
-    partitions, image_column, label_column = split_dataset(args)
+    parts, image_column, label_column = split_dataset(args)
     how = "IID" if args.alpha is None else f"Dirichlet by {label_column!r}, alpha={args.alpha}"
-    print(f"{args.dataset} [{args.split}]: {sum(map(len, partitions))} images into {len(partitions)} "
-          f"organisations ({how}, seed {args.seed})")
+    print(f"{args.dataset} [{args.split}]: {sum(len(p) for pair in parts for p in pair if p)} images into "
+          f"{len(parts)} organisations ({how}, seed {args.seed})")
+    # Every organisation's folder and its test folder, if any: (partition, folder).
+    jobs = [(p, f) for (train, test), folder, test_folder in zip(parts, folders, tests)
+            for p, f in ((train, folder), (test, test_folder)) if p is not None]
     # Every caption first: a bad one must stop the command before any folder is written.
     contents = []
-    for partition in partitions:
+    for partition, _ in jobs:
         labels = _label_names(partition, label_column, renames) if label_column else None
         if args.caption_column:
             captions = partition[args.caption_column]
@@ -327,12 +365,14 @@ def run(args, names: list[str]) -> None:
         else:
             captions = [template.format(label=label) for label in labels]
         contents.append((captions, labels))
-    for partition, folder, (captions, labels) in zip(partitions, folders, contents):
+    for (partition, folder), (captions, labels) in zip(jobs, contents):
         write_org(partition, folder, image_column, captions, labels)
-    rows = [(folder.name, len(partition), labels) for partition, folder, (_, labels) in zip(partitions, folders, contents)]
+    rows = [(str(folder.relative_to(args.out)), len(partition), labels)
+            for (partition, folder), (_, labels) in zip(jobs, contents)]
     print(_table(rows))
     source = f"column {args.caption_column!r}" if args.caption_column else f"{template!r}, e.g. {contents[0][0][0]!r}"
-    print(f"captions: {source}; written to {args.out}/ ({', '.join(names)})")
+    test_note = f"; test images in {args.out / TEST_DIR}/, which no node reads" if any(t for _, t in parts) else ""
+    print(f"captions: {source}; written to {args.out}/ ({', '.join(names)}){test_note}")
     strays = sorted(p.name for p in args.out.glob(f"{args.prefix}-*") if p.is_dir() and p.name not in names)
     if strays:
         print(f"note: {args.out} also holds {', '.join(strays)}, not from this split")

@@ -30,6 +30,27 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_model(tmp_path_factory) -> Path:
+    """`make pretrain`'s recipe, short (tests/test_pretrain.py states what it must reach)."""
+    from app.pretrain import pretrain
+    from test_pretrain import SHORT_UNET_STEPS, SHORT_VAE_STEPS
+
+    import torch
+
+    # One thread: the session's federation nodes run one each too, and two OpenMP threads on a
+    # shared 2-core machine wait on each other at every step (beside another benchmark the recipe's
+    # VAE steps took 3.4 s each on two threads, 0.12 s on a quiet machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("digits-sd") / "model"
+    try:
+        pretrain(out, vae_steps=SHORT_VAE_STEPS, unet_steps=SHORT_UNET_STEPS)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     write_demo_data(root, orgs=len(ORGS), images_per_org=list(DEMO_IMAGES))

@@ -209,3 +209,26 @@ def test_a_dataset_without_labels_or_with_an_empty_caption_is_refused(tmp_path):
         with pytest.raises(SystemExit, match=message):
             main([str(saved), "--out", str(out), "--partitions", "2", *args])
         assert not out.exists()
+
+
+def test_the_built_in_digits_keep_the_pretraining_classes_out_and_a_test_set_aside(tmp_path, capsys):
+    from app.pretrain import ORG_CLASSES
+
+    main(["sklearn-digits", "--out", str(tmp_path), "--partitions", "3", "--alpha", "0.3",
+          "--test-fraction", "0.25", "--max-images", "12"])
+    seen = {}
+    for org in ("org-1", "org-2", "org-3"):
+        train = [json.loads(x) for x in (tmp_path / org / "metadata.jsonl").read_text().splitlines()]
+        test = [json.loads(x) for x in (tmp_path / "test" / org / "metadata.jsonl").read_text().splitlines()]
+        assert len(train) == 12 and test, org
+        labels = {int(r["label"]) for r in train + test}
+        assert labels <= set(ORG_CLASSES), f"{org} holds a pretraining class: {labels}"
+        assert all(r["text"] == f"a handwritten digit {r['label']}" for r in train + test)
+        # No image is both trained on and tested on, within or across organisations.
+        for part, rows in (("train", train), ("test", test)):
+            folder = tmp_path / (org if part == "train" else f"test/{org}")
+            for r in rows:
+                digest = hashlib.sha256((folder / r["file_name"]).read_bytes()).hexdigest()
+                assert seen.setdefault(digest, (org, part)) == (org, part)
+        assert discover(tmp_path / org, None) and load_image(tmp_path / org / train[0]["file_name"], 16) is not None
+    assert "which no node reads" in capsys.readouterr().out
