@@ -39,29 +39,39 @@ from federation import BIN, REPO, LocalFederation, approving_env, load_module  #
 
 bundles = load_module("bundles_tool", REPO / "docker" / "bundles.py")
 
-# Flower's SuperNode main loop (flwr/supernode/start_client_internal.py) with its `time.sleep` capped:
-# for --flower-polls only.
-CAPPED_SUPERNODE = """
-import sys, time
+# Flower's SuperNode with one of its hard-coded constants changed, for measurements only:
+# --flower-polls S caps the sleeps of its main loop (flwr/supernode/start_client_internal.py);
+# bench-scale's claim window gives a fresh ClientApp process longer than Flower's 30 s to check in
+# (HEARTBEAT_DEFAULT_INTERVAL, flwr/supercore/corestate/in_memory_corestate.py's claim_task).
+CAPPED_POLLS = """
+import time
 import flwr.supernode.start_client_internal as loop
 class Capped:
     def __getattr__(self, name): return getattr(time, name)
     def sleep(self, s): time.sleep(min(s, {cap}))
 loop.time = Capped()
+"""
+CLAIM_WINDOW = """
+import flwr.supercore.corestate.in_memory_corestate as corestate
+corestate.HEARTBEAT_DEFAULT_INTERVAL = {seconds}
+"""
+PATCHED_SUPERNODE = """
+import sys
+{patch}
 from flwr.supernode.cli.flower_supernode import flower_supernode
 sys.argv[0] = "flower-supernode"
 flower_supernode()
 """
 
 
-class CappedPollFederation(LocalFederation):
-    def __init__(self, *args, cap: float, **kwargs) -> None:
+class PatchedFederation(LocalFederation):
+    def __init__(self, *args, patch: str, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.cap = cap
+        self.patch = patch
 
     def _spawn(self, name, args, env=None):
         if args[0].endswith("flower-supernode"):
-            args = [str(BIN / "python"), "-c", CAPPED_SUPERNODE.format(cap=self.cap), *args[1:]]
+            args = [str(BIN / "python"), "-c", PATCHED_SUPERNODE.format(patch=self.patch), *args[1:]]
         return super()._spawn(name, args, env)
 
 
@@ -89,7 +99,8 @@ def org_names(n: int) -> list[str]:
 
 
 def local_federation(tmp: Path, orgs: int, approval: bool = True, flower_polls: float | None = None,
-                     images_per_org: int = 16, node_nice: int = 0) -> tuple[LocalFederation, Path]:
+                     images_per_org: int = 16, node_nice: int = 0,
+                     claim_window: float | None = None) -> tuple[LocalFederation, Path]:
     """`orgs` organisations' demo data, certificates and a loopback federation over them (not started),
     and the tiny model. approval: each node runs Flower's commands through the app image's
     bundle-approval wrappers, with this checkout's bundle approved, as a deployed node does."""
@@ -106,7 +117,9 @@ def local_federation(tmp: Path, orgs: int, approval: bool = True, flower_polls: 
     nodes = {o: {"data-dir": str(tmp / "data" / o), "org": o, "cache-dir": str(tmp / f"cache-{o}")}
              for o in org_names(orgs)}
     node_env = {o: approving_env(o, tmp / "approval" / o) for o in nodes} if approval else None
-    cls = functools.partial(CappedPollFederation, cap=flower_polls) if flower_polls else LocalFederation
+    patch = (CAPPED_POLLS.format(cap=flower_polls) if flower_polls else "") + (
+        CLAIM_WINDOW.format(seconds=claim_window) if claim_window else "")
+    cls = functools.partial(PatchedFederation, patch=patch) if patch else LocalFederation
     return cls(tmp / "fed", tmp / "certs", nodes, node_env=node_env, node_nice=node_nice), model
 
 
