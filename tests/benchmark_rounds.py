@@ -12,6 +12,11 @@ received adapter, training; the final evaluate). "rest" is wall minus compute: F
 path (SuperNode polls, a fresh ClientApp process per message) and our imports in that process.
 The last line is for scripts: the SecAgg+ medians over rounds.
 
+Each node starts Flower's processes through the bundle-approval wrappers (docker/bin) with this
+checkout's bundle approved, as the app image does; --no-approval leaves them out. Do not edit app/
+or pyproject.toml during a run: `flwr run .` bundles the tree anew for each mode, and the nodes
+refuse a bundle nobody approved.
+
 --flower-polls S (a measurement, not a setting): starts the SuperNodes with Flower's hard-coded
 sleeps (3 s when idle, 0.5 s while a reply is awaited) cut to S, to show what they cost.
 """
