@@ -30,7 +30,7 @@ from pathlib import Path
 
 from app.data import IMAGE_SUFFIXES, METADATA, MIN_IMAGES
 from app.offline import _int_at_least
-from app.pretrain import CAPTION as DIGITS_CAPTION, DIGITS_SOURCE, ORG_CLASSES
+from app.pretrain import CAPTION as DIGITS_CAPTION, DIGITS_SOURCE
 
 DEFAULT_DATASET = "nkirschi/oxford-flowers"
 DEFAULT_TEMPLATE = "a photo of a {label}"
