@@ -56,17 +56,31 @@ HELDOUT_FIELDS = {"heldout_loss", "num_heldout", "heldout_orgs", "heldout_loss_b
 
 class Logs:
     """`docker logs -f CONTAINER` since `since`, collected in the background (Docker's own CLI: the
-    Compose plugin's follower delivers lines seconds late, longer than a fit stage can take)."""
+    Compose plugin's follower delivers lines seconds late, longer than a fit stage can take).
+
+    A follower ends when its container stops, and Docker restarts a node that exits (`restart:
+    unless-stopped`): the container is followed again from the last line read, so lines written
+    after a restart are counted too."""
 
     def __init__(self, container: str, since: float) -> None:
+        self.container = container
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(["docker", "logs", "-f", "--since", f"{since - 1:.0f}", container],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
+        self.proc: subprocess.Popen | None = None
+        self.closed = False
+        threading.Thread(target=self._read, args=(f"{since - 1:.0f}",), daemon=True).start()
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
+    def _read(self, since: str) -> None:
+        last = None  # Docker's timestamp of the last line read
+        while not self.closed:
+            self.proc = subprocess.Popen(["docker", "logs", "-f", "--timestamps", "--since", last or since, self.container],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            for line in self.proc.stdout:
+                stamp, _, text = line.rstrip().partition(" ")
+                if last is None or instant(stamp) > instant(last):  # --since repeats the last line read
+                    last = stamp
+                    self.lines.append(text)
+            self.proc.wait()
+            time.sleep(0.5)
 
     def messages(self, run_id: str, rnd: int) -> int:
         """How many of the run's round `rnd` messages the node has received."""
@@ -78,8 +92,21 @@ class Logs:
                 count += 1
         return count
 
+    def restarts(self) -> str:
+        inspect = subprocess.run(["docker", "inspect", "-f", "{{.RestartCount}}", self.container],
+                                 capture_output=True, text=True)
+        return inspect.stdout.strip() or inspect.stderr.strip()
+
     def close(self) -> None:
-        self.proc.kill()
+        self.closed = True
+        if self.proc:
+            self.proc.kill()
+
+
+def instant(stamp: str) -> tuple[str, str]:
+    """Docker's RFC 3339 timestamp, comparable: it drops the nanoseconds' trailing zeros."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    return whole, fraction.ljust(9, "0")
 
 
 def wait_for(condition, what: str, timeout: float, every: float = 1.0):
@@ -147,7 +174,12 @@ class Story:
 
     def mid_round(self, node: Logs, run: dict, rnd: int, timeout: float = 600) -> None:
         """Return once `node` is in round `rnd`'s fit stage (it has just received the message it trains on)."""
-        wait_for(lambda: node.messages(run["id"], rnd) >= FIT_STAGE, f"round {rnd}'s fit stage", timeout, every=0.2)
+        try:
+            wait_for(lambda: node.messages(run["id"], rnd) >= FIT_STAGE, f"round {rnd}'s fit stage", timeout, every=0.2)
+        except AssertionError as err:
+            tail = "\n".join(node.lines[-40:])
+            raise AssertionError(f"{err}\nrun {run['id']}; the node restarted {node.restarts()} times; "
+                                 f"its last lines:\n{tail}") from None
 
     def make_run_into_round(self, rnd: int) -> dict:
         """`make run`, returned once org-1 is in round `rnd`'s fit stage."""
