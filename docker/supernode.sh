@@ -13,7 +13,8 @@
 #   DATA_DIR           the organisation's images, as the ClientApp container sees them (default /data)
 #   SUPEREXEC_SECRET   the organisation's SuperExec secret (default /run/fedlora/superexec.secret)
 #   RELAY_DIR          the volume shared with the organisation's ClientApp container (optional)
-#   Arguments are passed on to flower-supernode (e.g. --port).
+#   Arguments are passed on to flower-supernode (e.g. --port), which starts through docker/supernode.py
+#   (Flower's SuperNode, made to answer every message it took).
 #
 # Process isolation (docs/isolation.md): this node runs no app code. The ClientApp container's
 # SuperExec, holding the same secret, takes the messages from this node's ClientAppIo API, which
@@ -51,7 +52,7 @@ while IFS= read -r line || [ -n "$line" ]; do
 done <"$tmp/output" &
 filter=$!
 # shellcheck disable=SC2086
-flower-supernode --superlink "$SUPERLINK_ADDRESS" --root-certificates "$ca" \
+supernode.py --superlink "$SUPERLINK_ADDRESS" --root-certificates "$ca" \
     --auth-supernode-private-key "$key" --isolation process --superexec-auth-secret-file "$secret" \
     --node-config "data-dir='$data' org='$ORG' ${REQUIRE_SECAGG:+require-secagg=$REQUIRE_SECAGG} ${NODE_CONFIG_EXTRA:-}" \
     ${MAX_RETRIES:+--max-retries "$MAX_RETRIES"} "$@" >"$tmp/output" 2>&1 &

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from conftest import ORGS, load_certs_tool, tiny_run_config  # noqa: E402
-from federation import BIN, REPO, LocalFederation, approving_env, load_module  # noqa: E402
+from federation import REPO, SUPERNODE, LocalFederation, approving_env, load_module  # noqa: E402
 
 bundles = load_module("bundles_tool", REPO / "docker" / "bundles.py")
 
@@ -61,11 +61,10 @@ import flwr.supercore.corestate.in_memory_corestate as corestate
 corestate.HEARTBEAT_DEFAULT_INTERVAL = {seconds}
 """
 PATCHED_SUPERNODE = """
-import sys
+import runpy, sys
 {patch}
-from flwr.supernode.cli.flower_supernode import flower_supernode
-sys.argv[0] = "flower-supernode"
-flower_supernode()
+sys.argv[0] = {launcher!r}
+runpy.run_path({launcher!r}, run_name="__main__")
 """
 
 
@@ -75,8 +74,8 @@ class PatchedFederation(LocalFederation):
         self.patch = patch
 
     def _spawn(self, name, args, env=None):
-        if args[0].endswith("flower-supernode"):
-            args = [str(BIN / "python"), "-c", PATCHED_SUPERNODE.format(patch=self.patch), *args[1:]]
+        if args[:2] == SUPERNODE:
+            args = [args[0], "-c", PATCHED_SUPERNODE.format(patch=self.patch, launcher=args[1]), *args[2:]]
         return super()._spawn(name, args, env)
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Flower's SuperNode as the image starts it: made to answer every message it took.
+SUPERNODE = [sys.executable, str(REPO / "docker" / "supernode.py")]
 
 
 # Flower's CLIs refuse port 0: a test picks a free port, and starts again on another where the
@@ -158,7 +160,7 @@ class LocalFederation:
                         env: dict[str, str] | None = None, command: list[str] | None = None) -> subprocess.Popen:
         """Node `name` with its own key (or `key`), first registered as its org (or `register_as`);
         `env`: more environment for it (and the SuperExec and ClientApp processes it starts);
-        `command` instead of flower-supernode (its arguments follow)."""
+        `command` instead of the SuperNode the image starts (SUPERNODE; its arguments follow)."""
         key = key or self.key(name)
         if register:
             org = register_as or self.nodes[name]["org"]
@@ -167,7 +169,7 @@ class LocalFederation:
         for _ in range(PORT_TRIES):
             port = free_port()
             proc = self._spawn(name, [
-                *(command or [str(BIN / "flower-supernode")]), "--superlink", f"127.0.0.1:{self.port}",
+                *(command or SUPERNODE), "--superlink", f"127.0.0.1:{self.port}",
                 "--root-certificates", str(root_certificates or self.certs / "ca.pem"),
                 "--auth-supernode-private-key", str(key),
                 "--port", str(port), "--node-config", kv(self.nodes[name]), "--max-retries", "3",

@@ -291,7 +291,7 @@ def test_the_runs_code_ran_only_in_the_clientapp_container(stack, run):
     for org in ORGS:
         node = processes(f"{org}-supernode")
         assert not [p for p in node if any("flwr-clientapp" in c or "app.trainer" in c for c in p["cmd"])], node
-        assert any(any(c.endswith("flower-supernode") for c in p["cmd"]) for p in node), node
+        assert any(any(c.endswith("supernode.py") for c in p["cmd"]) for p in node), node
         app = processes(f"{org}-clientapp")
         superexec = next(p for p in app if any(c.endswith("flower-superexec") for c in p["cmd"][:2]))
         trainers = [p for p in app if "app.trainer" in p["cmd"]]
