@@ -391,7 +391,9 @@ def test_nothing_listening_is_unreachable(link):
 
 
 def supernode_sh(link, org: str, tmp_path: Path) -> subprocess.Popen:
-    env = link.env | {"SUPERLINK_ADDRESS": f"127.0.0.1:{link.port}", "ORG": org, "NODE_KEY": str(link.keys / f"{org}.key"),
+    # docker/ first on PATH, as the image has its scripts (supernode.sh starts supernode.py by name).
+    env = link.env | {"PATH": f"{REPO / 'docker'}{os.pathsep}{link.env['PATH']}",
+                      "SUPERLINK_ADDRESS": f"127.0.0.1:{link.port}", "ORG": org, "NODE_KEY": str(link.keys / f"{org}.key"),
                       "CA_CERT": str(link.certs / "ca.pem"), "DATA_DIR": str(tmp_path), "PYTHONPATH": str(REPO),
                       "SUPEREXEC_SECRET": str(link.keys / f"{org}.superexec.secret")}
     return subprocess.Popen([str(REPO / "docker" / "supernode.sh"), "--port", str(free_port())], env=env,
