@@ -84,7 +84,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv with the app, Flower and the test tools
 
-test: install ## Run every test: unit, a real TLS federation with SecAgg+, the Compose stack and its faults on Docker, the CUDA image build (~50 min)
+test: install ## Run every test: unit, a real TLS federation with SecAgg+, the Compose stack and its faults on Docker, the CUDA image build (~55 min)
 	$(PY) -m pytest -v --durations=25 $(PYTEST_ARGS)
 
 test-fast: install ## Unit and static tests only (no federation, no Docker stack)
