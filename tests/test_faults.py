@@ -74,6 +74,8 @@ class Logs:
         while not self.closed:
             self.proc = subprocess.Popen(["docker", "logs", "-f", "--timestamps", "--since", last or since, self.container],
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            if self.closed:  # closed while it started: close() killed the one before
+                self.proc.kill()
             for line in self.proc.stdout:
                 stamp, _, text = line.rstrip().partition(" ")
                 if last is None or instant(stamp) > instant(last):  # --since repeats the last line read

@@ -7,7 +7,6 @@ recorder. The fault test shows the same on the Compose stack.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import threading
 import time
@@ -18,11 +17,9 @@ from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supernode import start_client_internal as loop
 from flwr.supernode.nodestate import NodeStateFactory
 
-from federation import REPO
+from federation import REPO, load_module
 
-spec = importlib.util.spec_from_file_location("supernode_launcher", REPO / "docker" / "supernode.py")
-launcher = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(launcher)
+launcher = load_module("supernode_launcher", REPO / "docker" / "supernode.py")
 
 
 def instruction(run_id: int) -> Message:
