@@ -115,7 +115,7 @@ compare-data: install ## Write `make compare`'s organisations to data/digits (CO
 $(COMPARE_DATA)/org-1/metadata.jsonl:
 	$(MAKE) --no-print-directory compare-data
 
-pretrain: install ## Train the offline base models/digits-sd: the tiny pipeline on scikit-learn's digits 0-4 (VAE, then UNet; about 3 min on 2 cores, from its per-step rate)
+pretrain: install ## Train the offline base models/digits-sd: the tiny pipeline on scikit-learn's digits 0-4 (VAE, then UNet; about 2 min on 2 cores)
 	HF_HUB_OFFLINE=1 $(PY) -m app.pretrain $(DIGITS_MODEL)
 $(DIGITS_MODEL)/model_index.json:
 	$(MAKE) --no-print-directory pretrain

@@ -1,6 +1,6 @@
 """An offline pretrained base: the tiny pipeline of app/offline.py, trained centrally on real images.
 
-    python -m app.pretrain models/digits-sd            (what `make pretrain` runs; about 3 min on 2 cores by its quiet per-step rate)
+    python -m app.pretrain models/digits-sd            (what `make pretrain` runs; 127 s on the quiet 2-core machine)
 
 The images are scikit-learn's bundled handwritten digits (`load_digits`: 1,797 8x8 scans, no
 download), upscaled to 16 px (RESOLUTION), dark ink on white, captioned "a handwritten digit N". The base
@@ -39,8 +39,7 @@ ORG_CLASSES = (5, 6, 7, 8, 9)
 CAPTION = "a handwritten digit {label}"
 DIGITS_SOURCE = "sklearn-digits"
 BASE_TEST_FRACTION = 0.2
-# About 3 min together on the 2-core development machine, from per-step rates timed there while quiet
-# (50 VAE steps 6 s, 100 UNet steps 14 s; docs/performance.md): the full recipe was only timed under load.
+# 127 s together on the quiet 2-core development machine (docs/performance.md).
 VAE_STEPS, UNET_STEPS, BATCH, LEARNING_RATE = 300, 1000, 16, 2e-3
 # The KL weight keeps the latents near a unit Gaussian without blurring the reconstructions.
 KL_WEIGHT = 1e-4

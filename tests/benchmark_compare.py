@@ -332,12 +332,12 @@ def main() -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run seeds (training noise, "
                         "the validation split, LoRA init); the partition is fixed")
-    parser.add_argument("--rounds", type=int, default=3, help="most rounds R of any method")
-    parser.add_argument("--patience", type=int, default=1, help="stop after this many rounds without a new best "
+    parser.add_argument("--rounds", type=int, default=20, help="most rounds R of any method")
+    parser.add_argument("--patience", type=int, default=3, help="stop after this many rounds without a new best "
                         "validation loss")
     parser.add_argument("--local-steps", type=int, default=20, help="local steps S per organisation and round")
     parser.add_argument("--batch-size", type=int, default=4, help="batch B")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
                         help=f"organisations' folders org-* and their test folders test/org-* ({MAKE_DATA})")
     parser.add_argument("--model", help=f"base model: hub id or diffusers folder (default: {DEFAULT_MODEL}, {MAKE_MODEL})")
@@ -361,7 +361,7 @@ def main() -> None:
     from app.pretrain import RESOLUTION
 
     if args.model is None and not (DEFAULT_MODEL / "model_index.json").is_file():
-        sys.exit(f"no base model in {DEFAULT_MODEL}: run `{MAKE_MODEL}` (about 3 min), or give --model")
+        sys.exit(f"no base model in {DEFAULT_MODEL}: run `{MAKE_MODEL}` (about 2 min), or give --model")
     data_dir = args.data_dir.resolve()
     orgs = sorted(p.name for p in data_dir.glob("org-*") if p.is_dir()) if data_dir.is_dir() else []
     if len(orgs) < 2:
