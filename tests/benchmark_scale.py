@@ -83,6 +83,9 @@ class Meter:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> Meter:
+        # A sample now, before any window starts: a window opened right after this is charged from it,
+        # not from each process's start (which charged the SuperLink's start-up to its idle load).
+        self._sample()
         self._thread.start()
         return self
 
@@ -113,19 +116,22 @@ class Meter:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            now, rss = time.monotonic(), defaultdict(float)
-            for pid, name in self.parties().items():
-                try:
-                    p = psutil.Process(pid)
-                    with p.oneshot():
-                        times, mem = p.cpu_times(), p.memory_info().rss
-                except psutil.Error:
-                    continue
-                self.cpu.setdefault(pid, (name, []))[1].append((now, times.user + times.system))
-                rss[name] += mem
-            for name, total in rss.items():
-                self.rss[name] = max(self.rss[name], total)
-            self.total = max(self.total, sum(rss.values()))
+            self._sample()
+
+    def _sample(self) -> None:
+        now, rss = time.monotonic(), defaultdict(float)
+        for pid, name in self.parties().items():
+            try:
+                p = psutil.Process(pid)
+                with p.oneshot():
+                    times, mem = p.cpu_times(), p.memory_info().rss
+            except psutil.Error:
+                continue
+            self.cpu.setdefault(pid, (name, []))[1].append((now, times.user + times.system))
+            rss[name] += mem
+        for name, total in rss.items():
+            self.rss[name] = max(self.rss[name], total)
+        self.total = max(self.total, sum(rss.values()))
 
     def cpu_seconds(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds each party spent between two monotonic times."""

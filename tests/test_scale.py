@@ -19,3 +19,30 @@ def test_six_organisations_complete_every_secagg_round_and_the_benchmark_attribu
     # warm trainer included (it alone holds the model: well over 100 MiB).
     assert row["superlink_cpu_s"] > 0 and row["serverapp_cpu_s"] > 0 and row["nodes_cpu_s"] > 0
     assert row["superlink_gib"] > 0.05 and row["serverapp_gib"] > 0.05 and row["node_gib"] > 0.1
+
+
+def test_a_window_charges_only_the_cpu_spent_inside_it(tmp_path):
+    """The SuperLink's idle load is what its process spends during the window, not since it started:
+    a process that worked before the Meter started and then sleeps is charged nothing."""
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    ready = tmp_path / "ready"
+    busy_then_idle = ("import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass\n"
+                      f"open({str(ready)!r}, 'w').close()\ntime.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", busy_then_idle])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the busy process never finished its work"
+            time.sleep(0.05)
+        with benchmark_scale.Meter(SimpleNamespace(procs={"superlink": proc}, nodes={})) as meter:
+            start = time.monotonic()
+            time.sleep(1.0)
+            spent = meter.cpu_seconds(start, time.monotonic())[benchmark_scale.SUPERLINK]
+        assert spent < 0.3, f"charged {spent:.2f} CPU s to a second in which the process slept"
+    finally:
+        proc.kill()
+        proc.wait()
